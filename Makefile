@@ -1,0 +1,40 @@
+# flowd: `make test` and `make run` work on a fresh machine with only Python >= 3.11.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: test lint fmt typecheck pytest test-external clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flowd needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+## test: format check, lint, strict mypy, then every test (embedded servers unless URLs given)
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## test-external: the server-backed tests against servers given by URL
+test-external: $(STAMP)
+	FLOWD_TEST_DATABASE_URL=$${FLOWD_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
+	FLOWD_TEST_NATS_URL=$${FLOWD_TEST_NATS_URL:-nats://127.0.0.1:4222} \
+	$(BIN)/pytest -m "postgres or nats" $(PYTEST_ARGS)
+
+fmt: $(STAMP)
+	$(BIN)/ruff format service tests
+	$(BIN)/ruff check --fix service tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

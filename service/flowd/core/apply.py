@@ -1,0 +1,309 @@
+"""The state machine as pure functions: (flow, operation, now) -> Change, or an error.
+
+Nothing here does I/O, reads a clock or makes ids: ``now`` and ``new_id`` are arguments, so
+the same inputs always give the same ``Change``. ``FlowManager`` feeds these functions and
+commits what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import JsonValue
+
+from flowd.core import errors
+from flowd.core.models import (
+    CreateManagedInput,
+    Flow,
+    FlowEvent,
+    FlowStep,
+    JsonObject,
+    StepObservation,
+)
+from flowd.core.status import FlowStatus, SyncMode, is_legal
+
+NewId = Callable[[], UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one operation writes, atomically: the flow row, its events, maybe a step.
+
+    ``expected_revision`` is None for an insert (a new flow) and otherwise the revision the
+    row must still have for the write to land.
+    """
+
+    flow: Flow
+    events: tuple[FlowEvent, ...]
+    expected_revision: int | None
+    step: FlowStep | None = None
+
+
+def _event(flow: Flow, kind: str, payload: JsonObject, now: datetime, new_id: NewId) -> FlowEvent:
+    return FlowEvent(
+        id=new_id(), flow_id=flow.id, revision=flow.revision, kind=kind, payload=payload, at=now
+    )
+
+
+def require_object(value: object, field: str) -> JsonObject:
+    """``value`` as a JSON object, or InvalidInput: patches and waits must be objects."""
+    if not isinstance(value, dict):
+        raise errors.InvalidInput(
+            f"{field} must be a JSON object, got {type(value).__name__}",
+            {field: "must be a JSON object"},
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise errors.InvalidInput(f"{field} keys must be strings", {field: "non-string key"})
+    return value
+
+
+def merge(state: Mapping[str, JsonValue], patch: Mapping[str, JsonValue] | None) -> JsonObject:
+    """Shallow merge: top-level keys of ``patch`` replace those of ``state``."""
+    merged = dict(state)
+    if patch:
+        merged.update(patch)
+    return merged
+
+
+def create(
+    data: CreateManagedInput,
+    *,
+    mode: SyncMode,
+    now: datetime,
+    new_id: NewId,
+) -> Change:
+    """A new flow. Managed flows are born ``created`` (one event); mirrored ones are created and
+    started in the same change, so they are ``running`` at revision 1 with two events."""
+    flow = Flow(
+        id=data.id or new_id(),
+        controller_id=data.controller_id,
+        goal=data.goal,
+        owner_session_key=data.owner_session_key,
+        requester_origin=data.requester_origin,
+        sync_mode=mode,
+        status=FlowStatus.CREATED,
+        current_step=data.current_step,
+        state_json=dict(data.state_json),
+        revision=0,
+        created_at=now,
+        updated_at=now,
+    )
+    created = _event(
+        flow,
+        "created",
+        {
+            "goal": flow.goal,
+            "controller_id": flow.controller_id,
+            "owner_session_key": flow.owner_session_key,
+            "current_step": flow.current_step,
+            "sync_mode": mode.value,
+        },
+        now,
+        new_id,
+    )
+    if mode is SyncMode.MANAGED:
+        return Change(flow, (created,), None)
+    running = flow.evolve(status=FlowStatus.RUNNING, revision=1)
+    return Change(running, (created, _event(running, "started", {}, now, new_id)), None)
+
+
+def check_move(flow: Flow, to: FlowStatus) -> None:
+    """The seed's checks, in the seed's order: terminal, cancel pending, table."""
+    if flow.status.terminal:
+        raise errors.AlreadyTerminal(flow.id, flow.status, to)
+    if flow.cancel_requested_at is not None and to is not FlowStatus.CANCELLED:
+        raise errors.CancelPending(flow.id, flow.status, to)
+    if not is_legal(flow.status, to):
+        raise errors.InvalidTransition(flow.id, flow.status, to)
+
+
+def _move(
+    flow: Flow,
+    to: FlowStatus,
+    kind: str,
+    payload: JsonObject,
+    now: datetime,
+    new_id: NewId,
+    *,
+    only_from: FlowStatus | None = None,
+    **changes: Any,
+) -> Change:
+    check_move(flow, to)
+    if only_from is not None and flow.status is not only_from:
+        # The table allows created -> running, but only `start` takes that edge and only
+        # `resume` takes waiting -> running.
+        raise errors.InvalidTransition(flow.id, flow.status, to)
+    after = flow.evolve(status=to, revision=flow.revision + 1, updated_at=now, **changes)
+    return Change(after, (_event(after, kind, payload, now, new_id),), flow.revision)
+
+
+def start(flow: Flow, *, now: datetime, new_id: NewId) -> Change:
+    """created -> running."""
+    return _move(flow, FlowStatus.RUNNING, "started", {}, now, new_id, only_from=FlowStatus.CREATED)
+
+
+def set_waiting(flow: Flow, wait: object, *, now: datetime, new_id: NewId) -> Change:
+    """running -> waiting, recording what the flow waits for."""
+    wait_json = require_object(wait, "wait_json")
+    return _move(
+        flow, FlowStatus.WAITING, "waiting", {"wait": wait_json}, now, new_id, wait_json=wait_json
+    )
+
+
+def resume(
+    flow: Flow,
+    patch: object = None,
+    *,
+    now: datetime,
+    new_id: NewId,
+    cause: JsonObject | None = None,
+) -> Change:
+    """waiting -> running; clears the wait and shallow-merges ``patch`` into the state."""
+    state_patch = None if patch is None else require_object(patch, "state_patch")
+    payload: JsonObject = {"patch": state_patch}
+    if cause is not None:
+        payload["cause"] = cause
+    return _move(
+        flow,
+        FlowStatus.RUNNING,
+        "resumed",
+        payload,
+        now,
+        new_id,
+        only_from=FlowStatus.WAITING,
+        wait_json=None,
+        state_json=merge(flow.state_json, state_patch),
+    )
+
+
+def finish(flow: Flow, final_state: object = None, *, now: datetime, new_id: NewId) -> Change:
+    """running -> finished, after merging the optional final patch."""
+    patch = None if final_state is None else require_object(final_state, "final_state")
+    return _move(
+        flow,
+        FlowStatus.FINISHED,
+        "finished",
+        {"final_state": patch},
+        now,
+        new_id,
+        state_json=merge(flow.state_json, patch),
+    )
+
+
+def fail(flow: Flow, reason: str, *, now: datetime, new_id: NewId) -> Change:
+    """running | waiting -> failed; the reason goes to the event and ``state_json.failure``."""
+    if not isinstance(reason, str):
+        raise errors.InvalidInput("reason must be a string", {"reason": "must be a string"})
+    failure: JsonObject = {"reason": reason, "at": now.isoformat()}
+    return _move(
+        flow,
+        FlowStatus.FAILED,
+        "failed",
+        {"reason": reason},
+        now,
+        new_id,
+        state_json=merge(flow.state_json, {"failure": failure}),
+        wait_json=None,
+    )
+
+
+def cancel(flow: Flow, *, now: datetime, new_id: NewId) -> Change:
+    """Any non-terminal status -> cancelled."""
+    return _move(flow, FlowStatus.CANCELLED, "cancelled", {}, now, new_id, wait_json=None)
+
+
+def _require_mutable(flow: Flow) -> None:
+    if flow.status.terminal:
+        raise errors.AlreadyTerminal(flow.id, flow.status, flow.status)
+
+
+def request_cancel(flow: Flow, *, now: datetime, new_id: NewId) -> Change | None:
+    """Set the sticky cancel intent; status unchanged. None when it is already set."""
+    _require_mutable(flow)
+    if flow.cancel_requested_at is not None:
+        return None
+    after = flow.evolve(cancel_requested_at=now, revision=flow.revision + 1, updated_at=now)
+    return Change(after, (_event(after, "cancel_requested", {}, now, new_id),), flow.revision)
+
+
+def update_state(
+    flow: Flow,
+    patch: object,
+    next_step: str | None = None,
+    *,
+    now: datetime,
+    new_id: NewId,
+) -> Change:
+    """Merge ``patch`` into the state and maybe move ``current_step``; status unchanged."""
+    state_patch = require_object(patch, "patch")
+    if next_step is not None and not isinstance(next_step, str):
+        raise errors.InvalidInput("next_step must be a string", {"next_step": "must be a string"})
+    _require_mutable(flow)
+    if flow.cancel_requested_at is not None:
+        raise errors.CancelPending(flow.id, flow.status, flow.status)
+    after = flow.evolve(
+        state_json=merge(flow.state_json, state_patch),
+        current_step=next_step if next_step is not None else flow.current_step,
+        revision=flow.revision + 1,
+        updated_at=now,
+    )
+    payload: JsonObject = {"patch": state_patch, "next_step": next_step}
+    return Change(after, (_event(after, "state_updated", payload, now, new_id),), flow.revision)
+
+
+def observe_step(
+    flow: Flow,
+    existing: FlowStep | None,
+    obs: StepObservation,
+    *,
+    now: datetime,
+    new_id: NewId,
+) -> Change | None:
+    """Upsert the step ``(flow, run_id)``. Allowed on terminal flows (late reports count).
+
+    A late non-terminal report never overwrites a terminal step: when that is all the
+    observation says, nothing changes and None is returned.
+    """
+    if existing is None:
+        step = FlowStep(
+            id=new_id(),
+            flow_id=flow.id,
+            run_id=obs.run_id,
+            task=obs.task,
+            status=obs.status,
+            child_session_key=obs.child_session_key,
+            result_json=obs.result_json,
+            created_at=now,
+            updated_at=now,
+        )
+    else:
+        status = obs.status
+        if existing.status.terminal and not status.terminal:
+            status = existing.status
+        step = existing.model_copy(
+            update={
+                "task": obs.task,
+                "status": status,
+                "child_session_key": obs.child_session_key or existing.child_session_key,
+                "result_json": (
+                    existing.result_json if status is not obs.status else obs.result_json
+                ),
+            }
+        )
+        if step == existing:
+            return None
+        step = step.model_copy(update={"updated_at": now})
+    after = flow.evolve(revision=flow.revision + 1, updated_at=now)
+    payload: JsonObject = {
+        "run_id": step.run_id,
+        "task": step.task,
+        "status": step.status.value,
+        "runtime": "mirrored",
+    }
+    event = _event(after, "step_observed", payload, now, new_id)
+    return Change(after, (event,), flow.revision, step)

@@ -1,0 +1,155 @@
+"""The error tree of flowd, with the stable ``code`` each error carries on the wire.
+
+::
+
+    FlowError                       code "flow_error"
+    ├── FlowNotFound                "not_found"            flow_id
+    ├── FlowExists                  "already_exists"       flow_id
+    ├── InvalidTransition           "invalid_transition"   flow_id, from_status, to_status, reason
+    │   ├── AlreadyTerminal         (reason "already_terminal")
+    │   └── CancelPending           (reason "cancel_pending")
+    ├── RevisionMismatch            "revision_mismatch"    flow_id, expected, actual
+    └── InvalidInput                "invalid_input"        errors (field -> message)
+    StoreUnavailable                "store_unavailable"    transient; retry later
+
+``StoreUnavailable`` is a ``FlowError`` too so callers can catch one base class, but it is the
+only *transient* one: the daemon retries it, every other code is final for that input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from uuid import UUID
+
+from flowd.core.status import FlowStatus
+
+
+class FlowError(Exception):
+    """A flow operation failed."""
+
+    code: ClassVar[str] = "flow_error"
+    transient: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or self.code).strip()
+        super().__init__(self.message)
+
+    def details(self) -> dict[str, Any]:
+        """Structured fields of the error, JSON-ready, for replies and logs."""
+        return {}
+
+
+class FlowNotFound(FlowError):
+    """No flow has this id."""
+
+    code = "not_found"
+
+    def __init__(self, flow_id: UUID) -> None:
+        self.flow_id = flow_id
+        super().__init__(f"flow {flow_id} not found")
+
+    def details(self) -> dict[str, Any]:
+        return {"flow_id": str(self.flow_id)}
+
+
+class FlowExists(FlowError):
+    """A flow with this id already exists."""
+
+    code = "already_exists"
+
+    def __init__(self, flow_id: UUID) -> None:
+        self.flow_id = flow_id
+        super().__init__(f"flow {flow_id} already exists")
+
+    def details(self) -> dict[str, Any]:
+        return {"flow_id": str(self.flow_id)}
+
+
+class InvalidTransition(FlowError):
+    """The flow's status does not allow this operation."""
+
+    code = "invalid_transition"
+    reason: ClassVar[str] = "illegal_transition"
+
+    def __init__(
+        self,
+        flow_id: UUID,
+        from_status: FlowStatus,
+        to_status: FlowStatus,
+        message: str | None = None,
+    ) -> None:
+        self.flow_id = flow_id
+        self.from_status = from_status
+        self.to_status = to_status
+        super().__init__(
+            message
+            or f"flow {flow_id}: illegal transition {from_status.value} -> {to_status.value}"
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "flow_id": str(self.flow_id),
+            "from": self.from_status.value,
+            "to": self.to_status.value,
+            "reason": self.reason,
+        }
+
+
+class AlreadyTerminal(InvalidTransition):
+    """The flow is terminal (finished, failed or cancelled) and accepts no mutation."""
+
+    reason = "already_terminal"
+
+    def __init__(self, flow_id: UUID, status: FlowStatus, to_status: FlowStatus) -> None:
+        super().__init__(
+            flow_id, status, to_status, f"flow {flow_id} is already terminal ({status.value})"
+        )
+
+
+class CancelPending(InvalidTransition):
+    """Cancel was requested: only ``cancel`` is accepted now."""
+
+    reason = "cancel_pending"
+
+    def __init__(self, flow_id: UUID, status: FlowStatus, to_status: FlowStatus) -> None:
+        super().__init__(
+            flow_id,
+            status,
+            to_status,
+            f"flow {flow_id} has a pending cancel request; only cancel is accepted",
+        )
+
+
+class RevisionMismatch(FlowError):
+    """The flow changed since the revision the write was based on."""
+
+    code = "revision_mismatch"
+
+    def __init__(self, flow_id: UUID, expected: int, actual: int) -> None:
+        self.flow_id = flow_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"flow {flow_id}: expected revision {expected}, found {actual}")
+
+    def details(self) -> dict[str, Any]:
+        return {"flow_id": str(self.flow_id), "expected": self.expected, "actual": self.actual}
+
+
+class InvalidInput(FlowError):
+    """The input is malformed; nothing was written."""
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, errors: dict[str, str] | None = None) -> None:
+        self.errors = errors or {}
+        super().__init__(message)
+
+    def details(self) -> dict[str, Any]:
+        return {"errors": self.errors} if self.errors else {}
+
+
+class StoreUnavailable(FlowError):
+    """The store could not be reached; the operation may be retried."""
+
+    code = "store_unavailable"
+    transient = True

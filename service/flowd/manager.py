@@ -1,0 +1,277 @@
+"""FlowManager: read -> apply (pure core) -> compare-and-set commit, with exactly one retry.
+
+Without ``expected_revision`` a write that loses a race re-reads the flow, re-validates and
+commits once more; a second loss raises ``RevisionMismatch``. With ``expected_revision`` the
+caller asked for compare-and-set: a mismatch is raised at once and nothing is retried.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ValidationError
+
+from flowd.core import apply, errors
+from flowd.core.apply import Change
+from flowd.core.models import (
+    CreateManagedInput,
+    Flow,
+    FlowEvent,
+    FlowStep,
+    JsonObject,
+    StepObservation,
+)
+from flowd.core.status import FlowStatus, SyncMode
+from flowd.store.port import MAX_PAGE, FlowStore
+
+Clock = Callable[[], datetime]
+Step = Callable[[Flow], Change | None]
+M = TypeVar("M", bound=BaseModel)
+
+
+def utcnow() -> datetime:
+    """The current time, UTC, microsecond precision (what PostgreSQL keeps)."""
+    return datetime.now(UTC)
+
+
+def _validated(model: type[M], value: object) -> M:
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise errors.InvalidInput(
+            f"invalid {model.__name__}: {exc.error_count()} error(s)",
+            {".".join(map(str, e["loc"])) or "_": e["msg"] for e in exc.errors()},
+        ) from None
+
+
+class FlowManager:
+    """The one API for changing flows; every method is atomic and audited."""
+
+    def __init__(
+        self,
+        store: FlowStore,
+        *,
+        clock: Clock = utcnow,
+        new_id: Callable[[], UUID] = uuid.uuid4,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self._new_id = new_id
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, flow_id: UUID) -> Flow:
+        """The flow, or ``FlowNotFound``."""
+        flow = await self.store.get(flow_id)
+        if flow is None:
+            raise errors.FlowNotFound(flow_id)
+        return flow
+
+    async def list_by_owner(
+        self, owner: str, *, limit: int = 100, after: UUID | None = None
+    ) -> list[Flow]:
+        """Flows of one owner session, oldest first; ``after`` is the last id of a page."""
+        return await self.store.list_flows(owner=owner, limit=_limit(limit), after=after)
+
+    async def list_by_status(
+        self, status: FlowStatus, *, limit: int = 100, after: UUID | None = None
+    ) -> list[Flow]:
+        """Flows in one status, oldest first; ``after`` is the last id of a page."""
+        status = _validated_status(status)
+        return await self.store.list_flows(status=status, limit=_limit(limit), after=after)
+
+    async def list_steps(self, flow_id: UUID) -> list[FlowStep]:
+        """Steps of a flow, oldest first (``FlowNotFound`` if the flow does not exist)."""
+        await self.get(flow_id)
+        return await self.store.list_steps(flow_id)
+
+    async def list_events(
+        self, flow_id: UUID, *, after_revision: int = -1, limit: int = MAX_PAGE
+    ) -> list[FlowEvent]:
+        """The audit log of a flow in revision order (``FlowNotFound`` if it does not exist)."""
+        events = await self.store.list_events(
+            flow_id, after_revision=after_revision, limit=_limit(limit)
+        )
+        if not events:
+            await self.get(flow_id)
+        return events
+
+    # -- creation ----------------------------------------------------------------------------
+
+    async def create_managed(self, data: CreateManagedInput | JsonObject) -> Flow:
+        """A new managed flow, status ``created``, revision 0."""
+        return await self._create(data, SyncMode.MANAGED)
+
+    async def create_mirrored(self, data: CreateManagedInput | JsonObject) -> Flow:
+        """A new mirrored flow, born ``running`` (events ``created`` and ``started``)."""
+        return await self._create(data, SyncMode.MIRRORED)
+
+    async def _create(self, data: CreateManagedInput | JsonObject, mode: SyncMode) -> Flow:
+        valid = _validated(CreateManagedInput, data)
+        change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
+        await self.store.commit(change)
+        return change.flow
+
+    # -- mutations ---------------------------------------------------------------------------
+
+    async def start_running(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+        """created -> running."""
+        return await self._mutate(flow_id, expected_revision, self._op(apply.start))
+
+    async def set_waiting(
+        self, flow_id: UUID, wait_json: JsonObject, *, expected_revision: int | None = None
+    ) -> Flow:
+        """running -> waiting; ``wait_json`` must be a JSON object."""
+        apply.require_object(wait_json, "wait_json")
+        return await self._mutate(
+            flow_id,
+            expected_revision,
+            lambda f: apply.set_waiting(f, wait_json, now=self._clock(), new_id=self._new_id),
+        )
+
+    async def resume(
+        self,
+        flow_id: UUID,
+        state_patch: JsonObject | None = None,
+        *,
+        expected_revision: int | None = None,
+        cause: JsonObject | None = None,
+    ) -> Flow:
+        """waiting -> running; clears ``wait_json`` and shallow-merges ``state_patch``."""
+        if state_patch is not None:
+            apply.require_object(state_patch, "state_patch")
+        return await self._mutate(
+            flow_id,
+            expected_revision,
+            lambda f: apply.resume(
+                f, state_patch, now=self._clock(), new_id=self._new_id, cause=cause
+            ),
+        )
+
+    async def finish(
+        self,
+        flow_id: UUID,
+        final_state: JsonObject | None = None,
+        *,
+        expected_revision: int | None = None,
+    ) -> Flow:
+        """running -> finished, after merging ``final_state``."""
+        if final_state is not None:
+            apply.require_object(final_state, "final_state")
+        return await self._mutate(
+            flow_id,
+            expected_revision,
+            lambda f: apply.finish(f, final_state, now=self._clock(), new_id=self._new_id),
+        )
+
+    async def fail(
+        self, flow_id: UUID, reason: str, *, expected_revision: int | None = None
+    ) -> Flow:
+        """running | waiting -> failed; ``state_json.failure = {reason, at}``."""
+        return await self._mutate(
+            flow_id,
+            expected_revision,
+            lambda f: apply.fail(f, reason, now=self._clock(), new_id=self._new_id),
+        )
+
+    async def request_cancel(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+        """Set the sticky cancel intent (status unchanged); a repeat writes nothing."""
+        return await self._mutate(flow_id, expected_revision, self._op(apply.request_cancel))
+
+    async def cancel(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+        """Any non-terminal status -> cancelled."""
+        return await self._mutate(flow_id, expected_revision, self._op(apply.cancel))
+
+    async def update_state(
+        self,
+        flow_id: UUID,
+        patch: JsonObject,
+        next_step: str | None = None,
+        *,
+        expected_revision: int | None = None,
+    ) -> Flow:
+        """Shallow-merge ``patch``, optionally set ``current_step``; status unchanged."""
+        apply.require_object(patch, "patch")
+        return await self._mutate(
+            flow_id,
+            expected_revision,
+            lambda f: apply.update_state(
+                f, patch, next_step, now=self._clock(), new_id=self._new_id
+            ),
+        )
+
+    async def record_step_observation(
+        self, obs: StepObservation | JsonObject, *, expected_revision: int | None = None
+    ) -> FlowStep:
+        """Upsert the step ``(flow_id, run_id)``; a late non-terminal report never overwrites
+        a terminal step. Accepted on terminal flows too."""
+        valid = _validated(StepObservation, obs)
+        result: list[FlowStep | None] = [None]
+
+        async def observe(flow: Flow) -> Change | None:
+            existing = await self.store.get_step(flow.id, valid.run_id)
+            change = apply.observe_step(
+                flow, existing, valid, now=self._clock(), new_id=self._new_id
+            )
+            result[0] = change.step if change is not None else existing
+            return change
+
+        await self._mutate_async(valid.flow_id, expected_revision, observe)
+        step = result[0]
+        assert step is not None
+        return step
+
+    # -- the template ------------------------------------------------------------------------
+
+    def _op(self, fn: Callable[..., Change | None]) -> Step:
+        return lambda flow: fn(flow, now=self._clock(), new_id=self._new_id)
+
+    async def _mutate(self, flow_id: UUID, expected: int | None, step: Step) -> Flow:
+        async def run(flow: Flow) -> Change | None:
+            return step(flow)
+
+        return await self._mutate_async(flow_id, expected, run)
+
+    async def _mutate_async(
+        self,
+        flow_id: UUID,
+        expected: int | None,
+        step: Callable[[Flow], Awaitable[Change | None]],
+    ) -> Flow:
+        attempts = 1 if expected is not None else 2
+        for attempt in range(attempts):
+            flow = await self.get(flow_id)
+            if expected is not None and flow.revision != expected:
+                raise errors.RevisionMismatch(flow_id, expected, flow.revision)
+            change = await step(flow)
+            if change is None:
+                return flow
+            try:
+                await self.store.commit(change)
+            except errors.RevisionMismatch:
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            return change.flow
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+        raise errors.InvalidInput(
+            f"limit must be an integer from 1 to {MAX_PAGE}", {"limit": "out of range"}
+        )
+    return limit
+
+
+def _validated_status(status: object) -> FlowStatus:
+    try:
+        return FlowStatus(str(status))
+    except ValueError:
+        raise errors.InvalidInput(f"unknown status {status!r}", {"status": "unknown"}) from None

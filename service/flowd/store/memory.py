@@ -1,0 +1,103 @@
+"""InMemoryFlowStore: the store port in dicts, for unit tests and embedding.
+
+Same compare-and-set, atomicity and ordering as PostgresFlowStore, proved by the shared
+contract suite. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from uuid import UUID
+
+from flowd.core import errors
+from flowd.core.apply import Change
+from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.status import FlowStatus
+from flowd.store.port import MAX_PAGE
+
+
+class InMemoryFlowStore:
+    """A FlowStore kept in process memory."""
+
+    def __init__(self) -> None:
+        self._flows: dict[UUID, Flow] = {}
+        self._events: dict[UUID, list[FlowEvent]] = {}
+        self._steps: dict[UUID, dict[str, FlowStep]] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, flow_id: UUID) -> Flow | None:
+        return self._flows.get(flow_id)
+
+    async def get_step(self, flow_id: UUID, run_id: str) -> FlowStep | None:
+        return self._steps.get(flow_id, {}).get(run_id)
+
+    async def commit(self, change: Change) -> None:
+        flow = change.flow
+        async with self._lock:
+            current = self._flows.get(flow.id)
+            if change.expected_revision is None:
+                if current is not None:
+                    raise errors.FlowExists(flow.id)
+            elif current is None:
+                raise errors.FlowNotFound(flow.id)
+            elif current.revision != change.expected_revision:
+                raise errors.RevisionMismatch(flow.id, change.expected_revision, current.revision)
+            self._flows[flow.id] = flow
+            self._events.setdefault(flow.id, []).extend(change.events)
+            if change.step is not None:
+                self._steps.setdefault(flow.id, {})[change.step.run_id] = change.step
+
+    async def list_flows(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | None = None,
+        limit: int = 100,
+        after: UUID | None = None,
+    ) -> list[Flow]:
+        flows = sorted(
+            (
+                f
+                for f in self._flows.values()
+                if (owner is None or f.owner_session_key == owner)
+                and (status is None or f.status == status)
+            ),
+            key=_created_key,
+        )
+        if after is not None:
+            cursor = self._flows.get(after)
+            if cursor is None:
+                return []
+            flows = [f for f in flows if _created_key(f) > _created_key(cursor)]
+        return flows[: min(limit, MAX_PAGE)]
+
+    async def list_steps(self, flow_id: UUID) -> list[FlowStep]:
+        steps = self._steps.get(flow_id, {}).values()
+        return sorted(steps, key=lambda s: (s.created_at, str(s.id)))
+
+    async def list_events(
+        self, flow_id: UUID, *, after_revision: int = -1, limit: int = MAX_PAGE
+    ) -> list[FlowEvent]:
+        events = [e for e in self._events.get(flow_id, []) if e.revision > after_revision]
+        return events[: min(limit, MAX_PAGE)]
+
+    async def prune(self, older_than: datetime) -> int:
+        async with self._lock:
+            old = [
+                f.id
+                for f in self._flows.values()
+                if f.status.terminal and f.updated_at < older_than
+            ]
+            for flow_id in old:
+                del self._flows[flow_id]
+                self._events.pop(flow_id, None)
+                self._steps.pop(flow_id, None)
+            return len(old)
+
+    async def close(self) -> None:
+        return None
+
+
+def _created_key(flow: Flow) -> tuple[datetime, str]:
+    return (flow.created_at, str(flow.id))

@@ -1,0 +1,68 @@
+"""The store port: what FlowManager needs from storage, as a Protocol.
+
+Every adapter (``InMemoryFlowStore``, ``PostgresFlowStore``) passes the same contract suite
+(``tests/contract``). No connection or transaction object crosses this port: ``commit`` writes
+one ``Change`` (flow row, events, step) atomically or not at all.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+from flowd.core.apply import Change
+from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.status import FlowStatus
+
+MAX_PAGE = 1000
+
+
+class FlowStore(Protocol):
+    """Storage of flows, steps and events with compare-and-set writes."""
+
+    async def get(self, flow_id: UUID) -> Flow | None:
+        """The flow, or None."""
+        ...
+
+    async def get_step(self, flow_id: UUID, run_id: str) -> FlowStep | None:
+        """The step of ``flow_id`` with ``run_id``, or None."""
+        ...
+
+    async def commit(self, change: Change) -> None:
+        """Write ``change`` atomically.
+
+        An insert (``expected_revision is None``) raises ``FlowExists`` if the id is taken.
+        An update lands only if the row still has ``expected_revision``; otherwise it raises
+        ``RevisionMismatch`` (or ``FlowNotFound``) and writes nothing.
+        """
+        ...
+
+    async def list_flows(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | None = None,
+        limit: int = 100,
+        after: UUID | None = None,
+    ) -> list[Flow]:
+        """Flows matching the filters, ordered by (created_at, id), after the cursor flow."""
+        ...
+
+    async def list_steps(self, flow_id: UUID) -> list[FlowStep]:
+        """The steps of a flow, oldest first."""
+        ...
+
+    async def list_events(
+        self, flow_id: UUID, *, after_revision: int = -1, limit: int = MAX_PAGE
+    ) -> list[FlowEvent]:
+        """Events of a flow with revision > ``after_revision``, in revision order."""
+        ...
+
+    async def prune(self, older_than: datetime) -> int:
+        """Delete terminal flows last updated before ``older_than`` (with steps and events)."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources."""
+        ...

@@ -1,0 +1,351 @@
+"""PostgresFlowStore: the store port over an asyncpg pool. The only module holding SQL
+outside ``migrations/``; every value is a bound parameter.
+
+Driver errors are translated once, here (``_translated``): connection loss and transient
+conflicts become ``StoreUnavailable``; nothing above this module sees an asyncpg type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Final
+from uuid import UUID
+
+import asyncpg
+
+from flowd.core import errors
+from flowd.core.apply import Change
+from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.status import FlowStatus, FlowStepStatus, SyncMode
+from flowd.store import migrate
+from flowd.store.port import MAX_PAGE
+
+MIGRATION_LOCK_KEY: Final = 0x666C6F7764  # "flowd"
+_NEG_INFINITY: Final = datetime.min.replace(tzinfo=UTC)
+_NIL: Final = UUID(int=0)
+
+# -- migrations -------------------------------------------------------------------------------
+LOCK_MIGRATIONS: Final = "SELECT pg_advisory_lock($1)"
+UNLOCK_MIGRATIONS: Final = "SELECT pg_advisory_unlock($1)"
+CREATE_MIGRATIONS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS flowd_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+SELECT_MIGRATIONS: Final = "SELECT version, checksum FROM flowd_migrations ORDER BY version"
+SELECT_MIGRATIONS_IF_ANY: Final = """
+SELECT version, checksum FROM flowd_migrations
+WHERE to_regclass('flowd_migrations') IS NOT NULL ORDER BY version"""
+TABLE_EXISTS: Final = "SELECT to_regclass('flowd_migrations') IS NOT NULL"
+RECORD_MIGRATION: Final = (
+    "INSERT INTO flowd_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+)
+
+# -- flows ------------------------------------------------------------------------------------
+SELECT_FLOW: Final = """
+SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
+FROM flows WHERE id = $1"""
+INSERT_FLOW: Final = """
+INSERT INTO flows (id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (id) DO NOTHING"""
+UPDATE_FLOW: Final = """
+UPDATE flows SET status = $3, current_step = $4, state_json = $5, wait_json = $6,
+    cancel_requested_at = $7, revision = $8, updated_at = $9
+WHERE id = $1 AND revision = $2"""
+SELECT_REVISION: Final = "SELECT revision FROM flows WHERE id = $1"
+INSERT_EVENTS: Final = """
+INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[],
+                     $6::timestamptz[])"""
+UPSERT_STEP: Final = """
+INSERT INTO flow_steps (id, flow_id, run_id, task, status, child_session_key, result_json,
+                        created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (flow_id, run_id) DO UPDATE SET task = EXCLUDED.task, status = EXCLUDED.status,
+    child_session_key = EXCLUDED.child_session_key, result_json = EXCLUDED.result_json,
+    updated_at = EXCLUDED.updated_at"""
+SELECT_STEP: Final = """
+SELECT id, flow_id, run_id, task, status, child_session_key, result_json, created_at, updated_at
+FROM flow_steps WHERE flow_id = $1 AND run_id = $2"""
+SELECT_STEPS: Final = """
+SELECT id, flow_id, run_id, task, status, child_session_key, result_json, created_at, updated_at
+FROM flow_steps WHERE flow_id = $1 ORDER BY created_at, id"""
+SELECT_EVENTS: Final = """
+SELECT id, flow_id, revision, kind, payload, at FROM flow_events
+WHERE flow_id = $1 AND revision > $2 ORDER BY revision LIMIT $3"""
+# Keyset pagination in (created_at, id) order: $3/$4 are the cursor flow's created_at and id
+# ('-infinity' and the nil uuid for a first page), so every page is one index range scan.
+SELECT_CURSOR: Final = "SELECT created_at, id FROM flows WHERE id = $1"
+LIST_BY_OWNER: Final = """
+SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
+FROM flows WHERE owner_session_key = $1 AND (created_at, id) > ($3, $4)
+ORDER BY created_at, id LIMIT $2"""
+LIST_BY_STATUS: Final = """
+SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
+FROM flows WHERE status = $1 AND (created_at, id) > ($3, $4)
+ORDER BY created_at, id LIMIT $2"""
+LIST_BY_OWNER_STATUS: Final = """
+SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
+FROM flows WHERE owner_session_key = $1 AND status = $5 AND (created_at, id) > ($3, $4)
+ORDER BY created_at, id LIMIT $2"""
+LIST_ALL: Final = """
+SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
+       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
+FROM flows WHERE $1::text IS NULL AND (created_at, id) > ($3, $4)
+ORDER BY created_at, id LIMIT $2"""
+PRUNE: Final = """
+DELETE FROM flows WHERE status IN ('cancelled', 'finished', 'failed') AND updated_at < $1"""
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+    )
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    """Map driver failures to flowd errors, most specific first."""
+    try:
+        yield
+    except (
+        asyncpg.SerializationError,
+        asyncpg.DeadlockDetectedError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.InterfaceError,
+        ConnectionError,
+        OSError,
+        TimeoutError,
+    ) as exc:
+        raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
+class PostgresFlowStore:
+    """A FlowStore in PostgreSQL, through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, run_migrations: bool = False
+    ) -> PostgresFlowStore:
+        """Open a pool on ``dsn``; with ``run_migrations`` apply pending migrations first."""
+        async with _translated():
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, init=_init_connection
+            )
+        store = cls(pool)
+        if run_migrations:
+            await store.migrate()
+        return store
+
+    # -- migrations ---------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations under an advisory lock; returns the names applied.
+
+        Safe to run concurrently and repeatedly: one runner at a time holds the lock, each
+        file runs in its own transaction together with its record.
+        """
+        migrations = migrate.load()
+        done: list[str] = []
+        async with _translated(), self._pool.acquire() as conn:
+            await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
+            try:
+                await conn.execute(CREATE_MIGRATIONS_TABLE)
+                applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
+                for m in migrate.pending(migrations, applied):
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(m.sql)
+                            await conn.execute(RECORD_MIGRATION, m.version, m.name, m.checksum)
+                    except asyncpg.PostgresError as exc:
+                        raise migrate.MigrationError(
+                            f"migration {m.version:04d}_{m.name} failed: {exc}"
+                        ) from exc
+                    done.append(f"{m.version:04d}_{m.name}")
+            finally:
+                await conn.execute(UNLOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
+        return done
+
+    async def pending_migrations(self) -> list[str]:
+        """Names of migrations not applied yet (raises MigrationError on a mismatch)."""
+        async with _translated(), self._pool.acquire() as conn:
+            applied: dict[int, str] = {}
+            if await conn.fetchval(TABLE_EXISTS):
+                applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
+        return [f"{m.version:04d}_{m.name}" for m in migrate.pending(migrate.load(), applied)]
+
+    # -- the port -----------------------------------------------------------------------------
+
+    async def get(self, flow_id: UUID) -> Flow | None:
+        async with _translated():
+            row = await self._pool.fetchrow(SELECT_FLOW, flow_id)
+        return None if row is None else _flow(row)
+
+    async def get_step(self, flow_id: UUID, run_id: str) -> FlowStep | None:
+        async with _translated():
+            row = await self._pool.fetchrow(SELECT_STEP, flow_id, run_id)
+        return None if row is None else _step(row)
+
+    async def commit(self, change: Change) -> None:
+        f = change.flow
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            if change.expected_revision is None:
+                status = await conn.execute(
+                    INSERT_FLOW,
+                    f.id,
+                    f.controller_id,
+                    f.goal,
+                    f.owner_session_key,
+                    f.requester_origin,
+                    f.sync_mode.value,
+                    f.status.value,
+                    f.current_step,
+                    f.state_json,
+                    f.wait_json,
+                    f.cancel_requested_at,
+                    f.revision,
+                    f.created_at,
+                    f.updated_at,
+                )
+                if status == "INSERT 0 0":
+                    raise errors.FlowExists(f.id)
+            else:
+                status = await conn.execute(
+                    UPDATE_FLOW,
+                    f.id,
+                    change.expected_revision,
+                    f.status.value,
+                    f.current_step,
+                    f.state_json,
+                    f.wait_json,
+                    f.cancel_requested_at,
+                    f.revision,
+                    f.updated_at,
+                )
+                if status == "UPDATE 0":
+                    actual = await conn.fetchval(SELECT_REVISION, f.id)
+                    if actual is None:
+                        raise errors.FlowNotFound(f.id)
+                    raise errors.RevisionMismatch(f.id, change.expected_revision, actual)
+            ev = change.events
+            await conn.execute(
+                INSERT_EVENTS,
+                [e.id for e in ev],
+                [e.flow_id for e in ev],
+                [e.revision for e in ev],
+                [e.kind for e in ev],
+                [e.payload for e in ev],
+                [e.at for e in ev],
+            )
+            if (s := change.step) is not None:
+                await conn.execute(
+                    UPSERT_STEP,
+                    s.id,
+                    s.flow_id,
+                    s.run_id,
+                    s.task,
+                    s.status.value,
+                    s.child_session_key,
+                    s.result_json,
+                    s.created_at,
+                    s.updated_at,
+                )
+
+    async def list_flows(
+        self,
+        *,
+        owner: str | None = None,
+        status: FlowStatus | None = None,
+        limit: int = 100,
+        after: UUID | None = None,
+    ) -> list[Flow]:
+        limit = min(limit, MAX_PAGE)
+        async with _translated():
+            cursor: tuple[Any, ...] = (_NEG_INFINITY, _NIL)
+            if after is not None:
+                row = await self._pool.fetchrow(SELECT_CURSOR, after)
+                if row is None:
+                    return []
+                cursor = (row["created_at"], row["id"])
+            if owner is not None and status is not None:
+                rows = await self._pool.fetch(
+                    LIST_BY_OWNER_STATUS, owner, limit, *cursor, status.value
+                )
+            elif owner is not None:
+                rows = await self._pool.fetch(LIST_BY_OWNER, owner, limit, *cursor)
+            elif status is not None:
+                rows = await self._pool.fetch(LIST_BY_STATUS, status.value, limit, *cursor)
+            else:
+                rows = await self._pool.fetch(LIST_ALL, None, limit, *cursor)
+        return [_flow(r) for r in rows]
+
+    async def list_steps(self, flow_id: UUID) -> list[FlowStep]:
+        async with _translated():
+            rows = await self._pool.fetch(SELECT_STEPS, flow_id)
+        return [_step(r) for r in rows]
+
+    async def list_events(
+        self, flow_id: UUID, *, after_revision: int = -1, limit: int = MAX_PAGE
+    ) -> list[FlowEvent]:
+        async with _translated():
+            rows = await self._pool.fetch(
+                SELECT_EVENTS, flow_id, after_revision, min(limit, MAX_PAGE)
+            )
+        return [FlowEvent.model_validate(dict(r)) for r in rows]
+
+    async def prune(self, older_than: datetime) -> int:
+        async with _translated():
+            status = await self._pool.execute(PRUNE, older_than)
+        return int(status.split()[-1])
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+def _flow(row: Mapping[str, Any]) -> Flow:
+    return Flow.model_construct(
+        id=row["id"],
+        controller_id=row["controller_id"],
+        goal=row["goal"],
+        owner_session_key=row["owner_session_key"],
+        requester_origin=row["requester_origin"],
+        sync_mode=SyncMode(row["sync_mode"]),
+        status=FlowStatus(row["status"]),
+        current_step=row["current_step"],
+        state_json=row["state_json"],
+        wait_json=row["wait_json"],
+        cancel_requested_at=row["cancel_requested_at"],
+        revision=row["revision"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _step(row: Mapping[str, Any]) -> FlowStep:
+    return FlowStep.model_construct(
+        id=row["id"],
+        flow_id=row["flow_id"],
+        run_id=row["run_id"],
+        task=row["task"],
+        status=FlowStepStatus(row["status"]),
+        child_session_key=row["child_session_key"],
+        result_json=row["result_json"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

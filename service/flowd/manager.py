@@ -104,34 +104,66 @@ class FlowManager:
 
     # -- creation ----------------------------------------------------------------------------
 
-    async def create_managed(self, data: CreateManagedInput | JsonObject) -> Flow:
+    async def create_managed(
+        self, data: CreateManagedInput | JsonObject, *, command_id: str | None = None
+    ) -> Flow:
         """A new managed flow, status ``created``, revision 0."""
-        return await self._create(data, SyncMode.MANAGED)
+        return await self._create(data, SyncMode.MANAGED, command_id)
 
-    async def create_mirrored(self, data: CreateManagedInput | JsonObject) -> Flow:
+    async def create_mirrored(
+        self, data: CreateManagedInput | JsonObject, *, command_id: str | None = None
+    ) -> Flow:
         """A new mirrored flow, born ``running`` (events ``created`` and ``started``)."""
-        return await self._create(data, SyncMode.MIRRORED)
+        return await self._create(data, SyncMode.MIRRORED, command_id)
 
-    async def _create(self, data: CreateManagedInput | JsonObject, mode: SyncMode) -> Flow:
+    async def _create(
+        self, data: CreateManagedInput | JsonObject, mode: SyncMode, command_id: str | None
+    ) -> Flow:
         valid = _validated(CreateManagedInput, data)
         change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
-        await self.store.commit(change)
+        await self.store.commit(change, command_id=command_id)
         return change.flow
+
+    async def record_rejection(
+        self, command_id: str, flow_id: UUID | None, token: str, error: errors.FlowError
+    ) -> None:
+        """Record that ``command_id`` was rejected with ``error`` (and, with the outbox on,
+        announce it on ``out.<token>``). A command already processed raises DuplicateCommand."""
+        outcome: JsonObject = {
+            "status": "rejected",
+            "flow_id": None if flow_id is None else str(flow_id),
+            "code": error.code,
+            "message": error.message,
+            "details": error.details(),
+        }
+        await self.store.record_outcome(command_id, flow_id, token, outcome)
 
     # -- mutations ---------------------------------------------------------------------------
 
-    async def start_running(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+    async def start_running(
+        self,
+        flow_id: UUID,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
+    ) -> Flow:
         """created -> running."""
-        return await self._mutate(flow_id, expected_revision, self._op(apply.start))
+        return await self._mutate(flow_id, expected_revision, command_id, self._op(apply.start))
 
     async def set_waiting(
-        self, flow_id: UUID, wait_json: JsonObject, *, expected_revision: int | None = None
+        self,
+        flow_id: UUID,
+        wait_json: JsonObject,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
     ) -> Flow:
         """running -> waiting; ``wait_json`` must be a JSON object."""
         apply.require_object(wait_json, "wait_json")
         return await self._mutate(
             flow_id,
             expected_revision,
+            command_id,
             lambda f: apply.set_waiting(f, wait_json, now=self._clock(), new_id=self._new_id),
         )
 
@@ -142,6 +174,7 @@ class FlowManager:
         *,
         expected_revision: int | None = None,
         cause: JsonObject | None = None,
+        command_id: str | None = None,
     ) -> Flow:
         """waiting -> running; clears ``wait_json`` and shallow-merges ``state_patch``."""
         if state_patch is not None:
@@ -149,6 +182,7 @@ class FlowManager:
         return await self._mutate(
             flow_id,
             expected_revision,
+            command_id,
             lambda f: apply.resume(
                 f, state_patch, now=self._clock(), new_id=self._new_id, cause=cause
             ),
@@ -160,6 +194,7 @@ class FlowManager:
         final_state: JsonObject | None = None,
         *,
         expected_revision: int | None = None,
+        command_id: str | None = None,
     ) -> Flow:
         """running -> finished, after merging ``final_state``."""
         if final_state is not None:
@@ -167,26 +202,47 @@ class FlowManager:
         return await self._mutate(
             flow_id,
             expected_revision,
+            command_id,
             lambda f: apply.finish(f, final_state, now=self._clock(), new_id=self._new_id),
         )
 
     async def fail(
-        self, flow_id: UUID, reason: str, *, expected_revision: int | None = None
+        self,
+        flow_id: UUID,
+        reason: str,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
     ) -> Flow:
         """running | waiting -> failed; ``state_json.failure = {reason, at}``."""
         return await self._mutate(
             flow_id,
             expected_revision,
+            command_id,
             lambda f: apply.fail(f, reason, now=self._clock(), new_id=self._new_id),
         )
 
-    async def request_cancel(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+    async def request_cancel(
+        self,
+        flow_id: UUID,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
+    ) -> Flow:
         """Set the sticky cancel intent (status unchanged); a repeat writes nothing."""
-        return await self._mutate(flow_id, expected_revision, self._op(apply.request_cancel))
+        return await self._mutate(
+            flow_id, expected_revision, command_id, self._op(apply.request_cancel)
+        )
 
-    async def cancel(self, flow_id: UUID, *, expected_revision: int | None = None) -> Flow:
+    async def cancel(
+        self,
+        flow_id: UUID,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
+    ) -> Flow:
         """Any non-terminal status -> cancelled."""
-        return await self._mutate(flow_id, expected_revision, self._op(apply.cancel))
+        return await self._mutate(flow_id, expected_revision, command_id, self._op(apply.cancel))
 
     async def update_state(
         self,
@@ -195,19 +251,25 @@ class FlowManager:
         next_step: str | None = None,
         *,
         expected_revision: int | None = None,
+        command_id: str | None = None,
     ) -> Flow:
         """Shallow-merge ``patch``, optionally set ``current_step``; status unchanged."""
         apply.require_object(patch, "patch")
         return await self._mutate(
             flow_id,
             expected_revision,
+            command_id,
             lambda f: apply.update_state(
                 f, patch, next_step, now=self._clock(), new_id=self._new_id
             ),
         )
 
     async def record_step_observation(
-        self, obs: StepObservation | JsonObject, *, expected_revision: int | None = None
+        self,
+        obs: StepObservation | JsonObject,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
     ) -> FlowStep:
         """Upsert the step ``(flow_id, run_id)``; a late non-terminal report never overwrites
         a terminal step. Accepted on terminal flows too."""
@@ -222,7 +284,7 @@ class FlowManager:
             result[0] = change.step if change is not None else existing
             return change
 
-        await self._mutate_async(valid.flow_id, expected_revision, observe)
+        await self._mutate_async(valid.flow_id, expected_revision, command_id, observe)
         step = result[0]
         assert step is not None
         return step
@@ -232,16 +294,19 @@ class FlowManager:
     def _op(self, fn: Callable[..., Change | None]) -> Step:
         return lambda flow: fn(flow, now=self._clock(), new_id=self._new_id)
 
-    async def _mutate(self, flow_id: UUID, expected: int | None, step: Step) -> Flow:
+    async def _mutate(
+        self, flow_id: UUID, expected: int | None, command_id: str | None, step: Step
+    ) -> Flow:
         async def run(flow: Flow) -> Change | None:
             return step(flow)
 
-        return await self._mutate_async(flow_id, expected, run)
+        return await self._mutate_async(flow_id, expected, command_id, run)
 
     async def _mutate_async(
         self,
         flow_id: UUID,
         expected: int | None,
+        command_id: str | None,
         step: Callable[[Flow], Awaitable[Change | None]],
     ) -> Flow:
         attempts = 1 if expected is not None else 2
@@ -251,9 +316,16 @@ class FlowManager:
                 raise errors.RevisionMismatch(flow_id, expected, flow.revision)
             change = await step(flow)
             if change is None:
+                if command_id is not None:
+                    outcome: JsonObject = {
+                        "status": "unchanged",
+                        "flow_id": str(flow.id),
+                        "revision": flow.revision,
+                    }
+                    await self.store.record_outcome(command_id, flow.id, str(flow.id), outcome)
                 return flow
             try:
-                await self.store.commit(change)
+                await self.store.commit(change, command_id=command_id)
             except errors.RevisionMismatch:
                 if attempt + 1 == attempts:
                     raise

@@ -24,3 +24,15 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[FlowStore]:
 @pytest.fixture
 def manager(store: FlowStore) -> FlowManager:
     return FlowManager(store)
+
+
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def outbox_store(request: pytest.FixtureRequest) -> AsyncIterator[FlowStore]:
+    """A store in the daemon's mode: every change also queues its outbox messages."""
+    if request.param == "memory":
+        yield InMemoryFlowStore(outbox=True)
+        return
+    url = request.getfixturevalue("database_url")
+    pg = await PostgresFlowStore.connect(url, max_size=20, outbox=True)
+    yield pg
+    await pg.close()

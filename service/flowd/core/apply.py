@@ -8,7 +8,7 @@ commits what they return.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -41,6 +41,9 @@ class Change:
     events: tuple[FlowEvent, ...]
     expected_revision: int | None
     step: FlowStep | None = None
+    #: Fields that differ in the flow as it was after each event but the last (only a
+    #: mirrored create has two events: ``created`` at revision 0, then ``started``).
+    before_last: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _event(flow: Flow, kind: str, payload: JsonObject, now: datetime, new_id: NewId) -> FlowEvent:
@@ -109,7 +112,12 @@ def create(
     if mode is SyncMode.MANAGED:
         return Change(flow, (created,), None)
     running = flow.evolve(status=FlowStatus.RUNNING, revision=1)
-    return Change(running, (created, _event(running, "started", {}, now, new_id)), None)
+    return Change(
+        running,
+        (created, _event(running, "started", {}, now, new_id)),
+        None,
+        before_last={"status": FlowStatus.CREATED, "revision": 0},
+    )
 
 
 def check_move(flow: Flow, to: FlowStatus) -> None:

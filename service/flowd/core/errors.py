@@ -9,7 +9,8 @@
     │   ├── AlreadyTerminal         (reason "already_terminal")
     │   └── CancelPending           (reason "cancel_pending")
     ├── RevisionMismatch            "revision_mismatch"    flow_id, expected, actual
-    └── InvalidInput                "invalid_input"        errors (field -> message)
+    ├── InvalidInput                "invalid_input"        errors (field -> message)
+    └── DuplicateCommand            "duplicate_command"    command_id, outcome
     StoreUnavailable                "store_unavailable"    transient; retry later
 
 ``StoreUnavailable`` is a ``FlowError`` too so callers can catch one base class, but it is the
@@ -146,6 +147,20 @@ class InvalidInput(FlowError):
 
     def details(self) -> dict[str, Any]:
         return {"errors": self.errors} if self.errors else {}
+
+
+class DuplicateCommand(FlowError):
+    """This command id was already processed; nothing was applied again."""
+
+    code = "duplicate_command"
+
+    def __init__(self, command_id: str, outcome: dict[str, Any] | None) -> None:
+        self.command_id = command_id
+        self.outcome = outcome or {}
+        super().__init__(f"command {command_id} was already processed")
+
+    def details(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "outcome": self.outcome}
 
 
 class StoreUnavailable(FlowError):

@@ -7,12 +7,14 @@ contract suite. Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from uuid import UUID
 
 from flowd.core import errors
 from flowd.core.apply import Change
-from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
+from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
 from flowd.core.status import FlowStatus
 from flowd.store.port import MAX_PAGE
 
@@ -20,11 +22,14 @@ from flowd.store.port import MAX_PAGE
 class InMemoryFlowStore:
     """A FlowStore kept in process memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, outbox: bool = False) -> None:
         self._flows: dict[UUID, Flow] = {}
         self._events: dict[UUID, list[FlowEvent]] = {}
         self._steps: dict[UUID, dict[str, FlowStep]] = {}
+        self._outcomes: dict[str, JsonObject] = {}
+        self._outbox: list[OutboxMessage] | None = [] if outbox else None
         self._lock = asyncio.Lock()
+        self._drain_lock = asyncio.Lock()
 
     async def get(self, flow_id: UUID) -> Flow | None:
         return self._flows.get(flow_id)
@@ -32,9 +37,11 @@ class InMemoryFlowStore:
     async def get_step(self, flow_id: UUID, run_id: str) -> FlowStep | None:
         return self._steps.get(flow_id, {}).get(run_id)
 
-    async def commit(self, change: Change) -> None:
+    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
         flow = change.flow
         async with self._lock:
+            if command_id is not None and command_id in self._outcomes:
+                raise errors.DuplicateCommand(command_id, self._outcomes[command_id])
             current = self._flows.get(flow.id)
             if change.expected_revision is None:
                 if current is not None:
@@ -47,6 +54,38 @@ class InMemoryFlowStore:
             self._events.setdefault(flow.id, []).extend(change.events)
             if change.step is not None:
                 self._steps.setdefault(flow.id, {})[change.step.run_id] = change.step
+            if command_id is not None:
+                self._outcomes[command_id] = applied_outcome(change)
+            if self._outbox is not None:
+                self._outbox.extend(change_messages(change, command_id))
+
+    async def record_outcome(
+        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+    ) -> None:
+        async with self._lock:
+            if command_id in self._outcomes:
+                raise errors.DuplicateCommand(command_id, self._outcomes[command_id])
+            self._outcomes[command_id] = outcome
+            if self._outbox is not None:
+                self._outbox.append(outcome_message(command_id, token, outcome))
+
+    async def get_outcome(self, command_id: str) -> JsonObject | None:
+        return self._outcomes.get(command_id)
+
+    async def drain_outbox(
+        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
+    ) -> int:
+        if self._outbox is None or self._drain_lock.locked():
+            return 0
+        async with self._drain_lock:
+            batch = self._outbox[:limit]
+            if batch:
+                await publish(batch)
+                del self._outbox[: len(batch)]
+            return len(batch)
+
+    async def outbox_backlog(self) -> int:
+        return len(self._outbox or ())
 
     async def list_flows(
         self,

@@ -7,12 +7,14 @@ one ``Change`` (flow row, events, step) atomically or not at all.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
 from flowd.core.apply import Change
-from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
+from flowd.core.outbox import OutboxMessage
 from flowd.core.status import FlowStatus
 
 MAX_PAGE = 1000
@@ -29,13 +31,40 @@ class FlowStore(Protocol):
         """The step of ``flow_id`` with ``run_id``, or None."""
         ...
 
-    async def commit(self, change: Change) -> None:
+    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
         """Write ``change`` atomically.
 
         An insert (``expected_revision is None``) raises ``FlowExists`` if the id is taken.
         An update lands only if the row still has ``expected_revision``; otherwise it raises
         ``RevisionMismatch`` (or ``FlowNotFound``) and writes nothing.
+        With ``command_id``, the id is recorded as processed in the same transaction; an id
+        seen before raises ``DuplicateCommand`` and writes nothing. With the outbox on, one
+        outbox message per event is written in the same transaction too.
         """
+        ...
+
+    async def record_outcome(
+        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+    ) -> None:
+        """Record the outcome of a command that changed no flow (rejected, unchanged) and,
+        with the outbox on, queue its ``out.<token>`` message; atomically. A known
+        ``command_id`` raises ``DuplicateCommand``."""
+        ...
+
+    async def get_outcome(self, command_id: str) -> JsonObject | None:
+        """The recorded outcome of a processed command, or None."""
+        ...
+
+    async def drain_outbox(
+        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
+    ) -> int:
+        """Hand the oldest unsent outbox messages (in write order) to ``publish`` and delete
+        them once it returns; returns how many. If ``publish`` raises, nothing is deleted.
+        Only one drainer at a time across all processes (others get 0), so order holds."""
+        ...
+
+    async def outbox_backlog(self) -> int:
+        """How many outbox messages wait to be published."""
         ...
 
     async def list_flows(

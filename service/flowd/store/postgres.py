@@ -8,22 +8,27 @@ conflicts become ``StoreUnavailable``; nothing above this module sees an asyncpg
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from uuid import UUID
 
 import asyncpg
 
 from flowd.core import errors
 from flowd.core.apply import Change
-from flowd.core.models import Flow, FlowEvent, FlowStep
+from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
+from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
 from flowd.core.status import FlowStatus, FlowStepStatus, SyncMode
 from flowd.store import migrate
 from flowd.store.port import MAX_PAGE
 
+if TYPE_CHECKING:
+    _Conn: TypeAlias = asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]
+
 MIGRATION_LOCK_KEY: Final = 0x666C6F7764  # "flowd"
+OUTBOX_LOCK_KEY: Final = 0x666C6F7764_01
 _NEG_INFINITY: Final = datetime.min.replace(tzinfo=UTC)
 _NIL: Final = UUID(int=0)
 
@@ -104,11 +109,27 @@ SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, 
        current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
 FROM flows WHERE $1::text IS NULL AND (created_at, id) > ($3, $4)
 ORDER BY created_at, id LIMIT $2"""
+# -- idempotency and outbox -------------------------------------------------------------------
+INSERT_PROCESSED: Final = """
+INSERT INTO processed_commands (command_id, flow_id, outcome) VALUES ($1, $2, $3)
+ON CONFLICT (command_id) DO NOTHING"""
+SELECT_OUTCOME: Final = "SELECT outcome FROM processed_commands WHERE command_id = $1"
+INSERT_OUTBOX: Final = """
+INSERT INTO outbox (topic, msg_id, command_id, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
+# One drainer at a time (transaction-scoped advisory lock), so messages of one flow are
+# published in the order they were written.
+TRY_LOCK_OUTBOX: Final = "SELECT pg_try_advisory_xact_lock($1)"
+SELECT_OUTBOX: Final = """
+SELECT id, topic, msg_id, command_id, body FROM outbox ORDER BY id LIMIT $1"""
+DELETE_OUTBOX: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+COUNT_OUTBOX: Final = "SELECT count(*) FROM outbox"
+
 PRUNE: Final = """
 DELETE FROM flows WHERE status IN ('cancelled', 'finished', 'failed') AND updated_at < $1"""
 
 
-async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+async def _init_connection(conn: _Conn) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
     )
@@ -133,22 +154,38 @@ async def _translated() -> AsyncIterator[None]:
         raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
+class _PublishFailed(Exception):
+    """Carries a publish callback's own error through the outbox transaction."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class PostgresFlowStore:
     """A FlowStore in PostgreSQL, through an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], *, outbox: bool = False) -> None:
         self._pool = pool
+        self._outbox = outbox
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, run_migrations: bool = False
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        run_migrations: bool = False,
+        outbox: bool = False,
     ) -> PostgresFlowStore:
-        """Open a pool on ``dsn``; with ``run_migrations`` apply pending migrations first."""
+        """Open a pool on ``dsn``; with ``run_migrations`` apply pending migrations first.
+        With ``outbox`` every change also queues its event messages (the daemon's mode)."""
         async with _translated():
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, init=_init_connection
             )
-        store = cls(pool)
+        store = cls(pool, outbox=outbox)
         if run_migrations:
             await store.migrate()
         return store
@@ -202,9 +239,11 @@ class PostgresFlowStore:
             row = await self._pool.fetchrow(SELECT_STEP, flow_id, run_id)
         return None if row is None else _step(row)
 
-    async def commit(self, change: Change) -> None:
+    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
         f = change.flow
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            if command_id is not None:
+                await self._claim(conn, command_id, f.id, applied_outcome(change))
             if change.expected_revision is None:
                 status = await conn.execute(
                     INSERT_FLOW,
@@ -266,6 +305,67 @@ class PostgresFlowStore:
                     s.created_at,
                     s.updated_at,
                 )
+            if self._outbox:
+                await self._queue(conn, change_messages(change, command_id))
+
+    async def _claim(
+        self, conn: _Conn, command_id: str, flow_id: UUID | None, outcome: Any
+    ) -> None:
+        # A concurrent holder of the same id blocks this insert until it commits or rolls
+        # back, so exactly one transaction records (and applies) a command.
+        if await conn.execute(INSERT_PROCESSED, command_id, flow_id, outcome) == "INSERT 0 0":
+            stored = await conn.fetchval(SELECT_OUTCOME, command_id)
+            raise errors.DuplicateCommand(command_id, stored)
+
+    @staticmethod
+    async def _queue(conn: _Conn, messages: list[OutboxMessage]) -> None:
+        await conn.execute(
+            INSERT_OUTBOX,
+            [m.topic for m in messages],
+            [m.msg_id for m in messages],
+            [m.command_id for m in messages],
+            [m.body for m in messages],
+        )
+
+    async def record_outcome(
+        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+    ) -> None:
+        async with _translated(), self._pool.acquire() as conn, conn.transaction():
+            await self._claim(conn, command_id, flow_id, outcome)
+            if self._outbox:
+                await self._queue(conn, [outcome_message(command_id, token, outcome)])
+
+    async def get_outcome(self, command_id: str) -> JsonObject | None:
+        async with _translated():
+            outcome: JsonObject | None = await self._pool.fetchval(SELECT_OUTCOME, command_id)
+        return outcome
+
+    async def drain_outbox(
+        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
+    ) -> int:
+        try:
+            async with _translated(), self._pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(TRY_LOCK_OUTBOX, OUTBOX_LOCK_KEY):
+                    return 0
+                rows = await conn.fetch(SELECT_OUTBOX, limit)
+                if not rows:
+                    return 0
+                batch = [
+                    OutboxMessage(r["topic"], r["msg_id"], r["command_id"], r["body"]) for r in rows
+                ]
+                try:
+                    await publish(batch)
+                except Exception as exc:
+                    raise _PublishFailed(exc) from exc  # roll back; keep it out of _translated
+                await conn.execute(DELETE_OUTBOX, [r["id"] for r in rows])
+                return len(rows)
+        except _PublishFailed as failed:
+            raise failed.cause from None
+
+    async def outbox_backlog(self) -> int:
+        async with _translated():
+            count: int = await self._pool.fetchval(COUNT_OUTBOX)
+        return count
 
     async def list_flows(
         self,

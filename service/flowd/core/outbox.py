@@ -1,0 +1,85 @@
+"""What flowd announces about a change: outbox messages, built purely from the change.
+
+A message has a *topic* relative to the deployment's subject prefix (``evt.<flow>.<kind>``
+for events, ``out.<token>`` for command outcomes that are not events), a ``msg_id`` used as
+``Nats-Msg-Id`` so JetStream drops a re-send, and a JSON body (documented in subjects.md).
+Stores write these rows in the mutation's transaction; the relay publishes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from flowd.core.apply import Change
+from flowd.core.models import Flow, FlowEvent, JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One message to publish, exactly once, in the order it was written."""
+
+    topic: str
+    msg_id: str
+    command_id: str | None
+    body: JsonObject
+
+
+def snapshot(flow: Flow) -> JsonObject:
+    """The flow as JSON, as it appears in event bodies and API replies."""
+    data: dict[str, Any] = flow.model_dump(mode="json")
+    return data
+
+
+def event_message(
+    event: FlowEvent, flow: Flow, command_id: str | None, *, final: bool
+) -> OutboxMessage:
+    """The message announcing ``event``; ``flow`` is the snapshot right after it."""
+    body: JsonObject = {
+        "event_id": str(event.id),
+        "flow_id": str(event.flow_id),
+        "kind": event.kind,
+        "revision": event.revision,
+        "at": event.at.isoformat(),
+        "command_id": command_id,
+        "final": final,
+        "payload": event.payload,
+        "flow": snapshot(flow),
+    }
+    return OutboxMessage(f"evt.{event.flow_id}.{event.kind}", str(event.id), command_id, body)
+
+
+def change_messages(change: Change, command_id: str | None) -> list[OutboxMessage]:
+    """One message per event of ``change``, each with the flow as it was after that event."""
+    last = len(change.events) - 1
+    return [
+        event_message(
+            event,
+            change.flow if i == last else change.flow.evolve(**change.before_last),
+            command_id,
+            final=i == last,
+        )
+        for i, event in enumerate(change.events)
+    ]
+
+
+def outcome_token(flow_id: UUID | str | None) -> str:
+    """The subject token outcomes of a command about ``flow_id`` are published under."""
+    return "create" if flow_id is None else str(flow_id)
+
+
+def outcome_message(command_id: str, token: str, outcome: JsonObject) -> OutboxMessage:
+    """The message for an outcome that is not an event (rejected or unchanged)."""
+    body: JsonObject = {"command_id": command_id, **outcome}
+    return OutboxMessage(f"out.{token}", f"out-{command_id}", command_id, body)
+
+
+def applied_outcome(change: Change) -> JsonObject:
+    """The recorded outcome of a command whose change was committed."""
+    return {
+        "status": "applied",
+        "flow_id": str(change.flow.id),
+        "revision": change.flow.revision,
+        "events": [str(e.id) for e in change.events],
+    }

@@ -1,0 +1,146 @@
+"""Exactly-once building blocks, on both stores: processed command ids and the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from flowd import FlowManager, FlowStore, InvalidTransition, RevisionMismatch
+from flowd.core.errors import DuplicateCommand
+from flowd.core.outbox import OutboxMessage
+from tests.support.factories import create_input
+
+
+async def drain_all(store: FlowStore) -> list[OutboxMessage]:
+    sent: list[OutboxMessage] = []
+
+    async def publish(batch: list[OutboxMessage]) -> None:
+        sent.extend(batch)
+
+    while await store.drain_outbox(publish, limit=3):
+        pass
+    return sent
+
+
+async def test_a_command_id_applies_once(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_managed(create_input(), command_id="c-create")
+    await manager.start_running(flow.id, command_id="c-start")
+    with pytest.raises(DuplicateCommand) as info:
+        await manager.update_state(flow.id, {"x": 1}, command_id="c-start")
+    assert info.value.outcome["status"] == "applied"
+    assert info.value.outcome["revision"] == 1
+    with pytest.raises(DuplicateCommand):
+        await manager.create_managed(create_input(), command_id="c-create")
+    assert (await manager.get(flow.id)).revision == 1
+    assert await outbox_store.list_flows() == [await manager.get(flow.id)]
+    assert await outbox_store.get_outcome("c-start") == info.value.outcome
+    assert await outbox_store.get_outcome("unknown") is None
+
+
+async def test_rejection_and_unchanged_outcomes_are_recorded_once(
+    outbox_store: FlowStore,
+) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_managed(create_input())
+    with pytest.raises(InvalidTransition) as info:
+        await manager.finish(flow.id, command_id="c-bad")
+    await manager.record_rejection("c-bad", flow.id, str(flow.id), info.value)
+    with pytest.raises(DuplicateCommand) as dup:
+        await manager.record_rejection("c-bad", flow.id, str(flow.id), info.value)
+    assert dup.value.outcome["code"] == "invalid_transition"
+
+    await manager.request_cancel(flow.id, command_id="c-rc1")
+    await manager.request_cancel(flow.id, command_id="c-rc2")  # no-op, still one outcome
+    assert await outbox_store.get_outcome("c-rc2") == {
+        "status": "unchanged",
+        "flow_id": str(flow.id),
+        "revision": 1,
+    }
+    sent = await drain_all(outbox_store)
+    assert [(m.topic, m.command_id) for m in sent] == [
+        (f"evt.{flow.id}.created", None),
+        (f"out.{flow.id}", "c-bad"),
+        (f"evt.{flow.id}.cancel_requested", "c-rc1"),
+        (f"out.{flow.id}", "c-rc2"),
+    ]
+    assert sent[1].body["status"] == "rejected"
+    assert sent[1].body["details"]["reason"] == "illegal_transition"
+
+
+async def test_outbox_has_one_message_per_event_in_order(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_mirrored(create_input(), command_id="c1")
+    await manager.update_state(flow.id, {"a": 1}, command_id="c2")
+    await manager.finish(flow.id, command_id="c3")
+    assert await outbox_store.outbox_backlog() == 4
+    sent = await drain_all(outbox_store)
+    events = await manager.list_events(flow.id)
+    assert [m.msg_id for m in sent] == [str(e.id) for e in events]
+    assert [m.body["revision"] for m in sent] == [0, 1, 2, 3]
+    assert [m.body["final"] for m in sent] == [False, True, True, True]
+    first = sent[0].body["flow"]
+    assert (first["status"], first["revision"]) == ("created", 0)  # snapshot after *that* event
+    last = sent[-1].body
+    assert last["flow"]["status"] == "finished"
+    assert last["command_id"] == "c3"
+    assert last["kind"] == "finished"
+    assert await outbox_store.outbox_backlog() == 0
+
+
+async def test_failed_publish_deletes_nothing(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    await manager.create_managed(create_input())
+
+    async def broken(batch: list[OutboxMessage]) -> None:
+        raise ConnectionError("nats down")
+
+    with pytest.raises(ConnectionError):
+        await outbox_store.drain_outbox(broken)
+    assert await outbox_store.outbox_backlog() == 1
+    assert len(await drain_all(outbox_store)) == 1
+
+
+async def test_rolled_back_change_queues_nothing(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_managed(create_input())
+    await drain_all(outbox_store)
+    with pytest.raises(RevisionMismatch):
+        await manager.start_running(flow.id, expected_revision=5, command_id="stale")
+    assert await outbox_store.outbox_backlog() == 0
+    assert await outbox_store.get_outcome("stale") is None
+
+
+async def test_only_one_drainer_at_a_time(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    for _ in range(3):
+        await manager.create_managed(create_input())
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    async def slow(batch: list[OutboxMessage]) -> None:
+        started.set()
+        await gate.wait()
+
+    first = asyncio.create_task(outbox_store.drain_outbox(slow))
+    await started.wait()
+    assert await outbox_store.drain_outbox(slow) == 0  # the first holds the lock
+    gate.set()
+    assert await first == 3
+
+
+async def test_concurrent_duplicates_apply_once(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_managed(create_input(id=uuid.uuid4()))
+    await manager.start_running(flow.id)
+    results = await asyncio.gather(
+        *(manager.update_state(flow.id, {"n": 1}, command_id="same") for _ in range(5)),
+        return_exceptions=True,
+    )
+    applied = [r for r in results if not isinstance(r, BaseException)]
+    assert len(applied) == 1
+    assert all(
+        isinstance(r, DuplicateCommand | RevisionMismatch) for r in results if r not in applied
+    )
+    assert (await manager.get(flow.id)).revision == 2

@@ -1,0 +1,233 @@
+"""Bytes + headers <-> typed commands: the wire models of subjects.md and their decoding.
+
+Decoding sorts every message into exactly one of three results:
+
+- ``Decoded``: a valid command or observation, ready for the manager;
+- ``Rejected``: well-formed enough to answer (we know its command id and where to answer),
+  but invalid (bad UUID, unknown verb, wrong field types, non-object patch): it gets an
+  ``invalid_input`` outcome;
+- ``Undecodable``: not something we can even read (oversized, not UTF-8 JSON, nested deeper
+  than the limit, unroutable subject): it goes to the dead-letter subject with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from flowd.bus.subjects import MSG_ID, VERBS
+from flowd.core import errors
+from flowd.core.models import CreateManagedInput, JsonObject
+from flowd.core.status import FlowStepStatus, SyncMode
+
+MAX_DEPTH: Final = 32
+MAX_ID_LENGTH: Final = 200
+
+Revision = Annotated[int, Field(strict=True, ge=0)]
+Text = Annotated[str, Field(strict=True, max_length=10_000)]
+Name = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateCommand(CreateManagedInput):
+    """``<prefix>.cmd.create``: a managed flow, or a mirrored one with ``sync_mode``."""
+
+    sync_mode: SyncMode = SyncMode.MANAGED
+
+    def input(self) -> CreateManagedInput:
+        return CreateManagedInput.model_validate(self.model_dump(exclude={"sync_mode"}))
+
+
+class StartCommand(_Wire):
+    expected_revision: Revision | None = None
+
+
+class WaitCommand(_Wire):
+    wait_json: JsonObject
+    expected_revision: Revision | None = None
+
+
+class ResumeCommand(_Wire):
+    state_patch: JsonObject | None = None
+    expected_revision: Revision | None = None
+
+
+class FinishCommand(_Wire):
+    final_state: JsonObject | None = None
+    expected_revision: Revision | None = None
+
+
+class FailCommand(_Wire):
+    reason: Text
+    expected_revision: Revision | None = None
+
+
+class RequestCancelCommand(_Wire):
+    expected_revision: Revision | None = None
+
+
+class CancelCommand(_Wire):
+    expected_revision: Revision | None = None
+
+
+class UpdateCommand(_Wire):
+    patch: JsonObject
+    next_step: Name | None = None
+    expected_revision: Revision | None = None
+
+
+class ObserveCommand(_Wire):
+    """``<prefix>.obs.<flow_id>``: one report about one run of an external job."""
+
+    flow_id: UUID | None = Field(default=None, description="Optional; must match the subject.")
+    run_id: Name
+    task: Name
+    status: FlowStepStatus
+    child_session_key: Name | None = None
+    result_json: JsonValue = None
+
+
+BODIES: Final[dict[str, type[BaseModel]]] = {
+    "create": CreateCommand,
+    "start": StartCommand,
+    "wait": WaitCommand,
+    "resume": ResumeCommand,
+    "finish": FinishCommand,
+    "fail": FailCommand,
+    "request_cancel": RequestCancelCommand,
+    "cancel": CancelCommand,
+    "update": UpdateCommand,
+    "observe": ObserveCommand,
+}
+assert set(BODIES) == {*VERBS, "create", "observe"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A valid command: what to do, to which flow, under which idempotency key."""
+
+    verb: str
+    flow_id: UUID | None
+    token: str
+    command_id: str
+    body: BaseModel
+
+
+class Undecodable(Exception):
+    """Unreadable input: dead-letter it with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Rejected(Exception):
+    """Readable but invalid input: answer ``error`` as the outcome of ``command_id``."""
+
+    def __init__(
+        self, command_id: str, token: str, flow_id: UUID | None, error: errors.FlowError
+    ) -> None:
+        super().__init__(error.message)
+        self.command_id = command_id
+        self.token = token
+        self.flow_id = flow_id
+        self.error = error
+
+
+def command_id(headers: dict[str, str] | None, fallback: str) -> str:
+    """The command's idempotency key: its ``Nats-Msg-Id``, else ``fallback``."""
+    value = (headers or {}).get(MSG_ID, "").strip()
+    return value if 0 < len(value) <= MAX_ID_LENGTH else fallback
+
+
+def _depth_ok(value: object) -> bool:
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return True
+
+
+def parse_json(data: bytes, max_payload: int) -> object:
+    """JSON from ``data`` (empty means ``{}``), or Undecodable."""
+    if len(data) > max_payload:
+        raise Undecodable(f"payload of {len(data)} bytes exceeds the {max_payload} byte limit")
+    if not data.strip():
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise Undecodable(f"payload is not UTF-8 JSON: {str(exc)[:200]}") from None
+    if not _depth_ok(value):
+        raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def invalid_input(exc: ValidationError, what: str) -> errors.InvalidInput:
+    """A pydantic error as InvalidInput with a field -> message map."""
+    fields = {".".join(map(str, e["loc"])) or "_": e["msg"] for e in exc.errors()}
+    return errors.InvalidInput(
+        f"invalid {what}: " + "; ".join(f"{k}: {v}" for k, v in fields.items()), fields
+    )
+
+
+def decode(
+    kind: Literal["cmd", "obs"],
+    tokens: list[str],
+    headers: dict[str, str] | None,
+    data: bytes,
+    *,
+    fallback_id: str,
+    max_payload: int,
+) -> Decoded:
+    """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``)."""
+    cid = command_id(headers, fallback_id)
+    if kind == "cmd" and tokens == ["create"]:
+        verb, token = "create", "create"
+    elif kind == "cmd" and len(tokens) == 2:
+        token, verb = tokens
+    elif kind == "obs" and len(tokens) == 1:
+        token, verb = tokens[0], "observe"
+    else:
+        raise Undecodable(f"no such {kind} subject: {'.'.join(tokens) or '<empty>'}")
+    flow_id: UUID | None = None
+    if verb != "create":
+        try:
+            flow_id = UUID(token)
+        except ValueError:
+            raise Rejected(
+                cid, token, None, errors.InvalidInput(f"{token!r} is not a flow id (UUID)")
+            ) from None
+    model = BODIES.get(verb)
+    if model is None or (kind == "cmd" and verb == "observe"):
+        raise Rejected(
+            cid,
+            token,
+            flow_id,
+            errors.InvalidInput(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}"),
+        )
+    value = parse_json(data, max_payload)
+    if not isinstance(value, dict):
+        error = errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
+        raise Rejected(cid, token, flow_id, error)
+    try:
+        body = model.model_validate(value)
+    except ValidationError as exc:
+        raise Rejected(cid, token, flow_id, invalid_input(exc, f"{verb} payload")) from None
+    if isinstance(body, CreateCommand) and body.id is not None:
+        flow_id, token = body.id, str(body.id)
+    if isinstance(body, ObserveCommand) and body.flow_id not in (None, flow_id):
+        error = errors.InvalidInput("flow_id in the payload differs from the subject's")
+        raise Rejected(cid, token, flow_id, error)
+    return Decoded(verb, flow_id, token, cid, body)

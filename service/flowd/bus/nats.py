@@ -1,0 +1,218 @@
+"""NatsBus: the daemon's one door to NATS (connect, streams and consumers, fetch, publish).
+
+The only daemon-side module that imports ``nats``. NATS errors that mean "try again later"
+surface as ``BusUnavailable``; everything above this module sees flowd types only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from flowd.bus import subjects as names
+from flowd.bus.subjects import Subjects
+from flowd.core.outbox import OutboxMessage
+
+Message = Msg
+
+
+class BusUnavailable(Exception):
+    """NATS could not be reached or did not answer in time; retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Stream and consumer settings that are configuration, not constants."""
+
+    replicas: int = 1
+    commands_max_age: float = 7 * 86400
+    events_max_age: float = 7 * 86400
+    events_max_bytes: int = -1
+    dlq_max_age: float = 30 * 86400
+    duplicate_window: float = 300
+    ack_wait: float = 30
+    max_deliver: int = 20
+    max_ack_pending: int = 1024
+
+
+async def connect(
+    url: str,
+    *,
+    name: str = "flowd",
+    creds: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Client:
+    """A NATS connection that reconnects forever (the daemon must outlive NATS outages)."""
+    tls: ssl.SSLContext | None = None
+    if tls_ca or tls_cert:
+        tls = ssl.create_default_context(cafile=tls_ca)
+        if tls_cert:
+            tls.load_cert_chain(tls_cert, tls_key)
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in url.split(",") if u.strip()],
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+    }
+    if creds:
+        options["user_credentials"] = creds
+    if tls is not None:
+        options["tls"] = tls
+    try:
+        return await nats.connect(**options)
+    except (OSError, nats.errors.Error) as exc:
+        raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+
+
+class NatsBus:
+    """JetStream streams, pull consumers and publishing for one subject prefix."""
+
+    def __init__(self, nc: Client, subjects: Subjects, limits: StreamLimits) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=5)
+        self.subjects = subjects
+        self.limits = limits
+        self._subs: dict[str, Any] = {}
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def ensure(self) -> NatsBus:
+        """Create or update the streams and durable consumers (idempotent); returns self."""
+        s, lim = self.subjects, self.limits
+        streams = [
+            api.StreamConfig(
+                name=s.cmd_stream,
+                subjects=[s.cmd_all],
+                max_age=lim.commands_max_age,
+                duplicate_window=lim.duplicate_window,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+            ),
+            api.StreamConfig(
+                name=s.obs_stream,
+                subjects=[s.obs_all],
+                max_age=lim.commands_max_age,
+                duplicate_window=lim.duplicate_window,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+            ),
+            api.StreamConfig(
+                name=s.evt_stream,
+                subjects=[s.evt_all, s.out_all],
+                max_age=lim.events_max_age,
+                max_bytes=lim.events_max_bytes,
+                duplicate_window=lim.duplicate_window,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+            ),
+            api.StreamConfig(
+                name=s.dlq_stream,
+                subjects=[s.dlq_all],
+                max_age=lim.dlq_max_age,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+            ),
+        ]
+        async with self._translated():
+            for config in streams:
+                try:
+                    await self.js.add_stream(config)
+                except nats.js.errors.BadRequestError:
+                    await self.js.update_stream(config)
+            for stream, durable in ((s.cmd_stream, s.cmd_consumer), (s.obs_stream, s.obs_consumer)):
+                consumer = api.ConsumerConfig(
+                    durable_name=durable,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_wait=lim.ack_wait,
+                    max_deliver=lim.max_deliver,
+                    max_ack_pending=lim.max_ack_pending,
+                    max_waiting=512,
+                )
+                await self.js.add_consumer(stream, consumer)
+                self._subs[durable] = await self.js.pull_subscribe_bind(
+                    durable=durable, stream=stream
+                )
+        return self
+
+    async def fetch(self, durable: str, batch: int, wait: float) -> list[Msg]:
+        """Up to ``batch`` messages; ``[]`` when none arrive within ``wait`` seconds."""
+        try:
+            msgs: list[Msg] = await self._subs[durable].fetch(batch, timeout=wait)
+            return msgs
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as exc:
+            raise BusUnavailable(str(exc)) from exc
+
+    async def pending(self, durable: str) -> tuple[int, int]:
+        """(messages not yet delivered, delivered but unacked) of a consumer."""
+        async with self._translated():
+            info = await self._subs[durable].consumer_info()
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
+        """Publish ``batch`` in order, pipelined, and return once JetStream acked all."""
+        async with self._translated():
+            futures = []
+            for m in batch:
+                headers = {names.MSG_ID: m.msg_id}
+                if m.command_id is not None:
+                    headers[names.COMMAND_ID] = m.command_id
+                body = json.dumps(m.body, separators=(",", ":")).encode()
+                futures.append(
+                    await self.js.publish_async(self.subjects.topic(m.topic), body, headers=headers)
+                )
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+
+    async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
+        """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it."""
+        meta = msg.metadata
+        headers = {
+            names.MSG_ID: f"dlq-{command_id}",
+            names.DLQ_REASON: reason[:1000],
+            names.DLQ_SUBJECT: msg.subject,
+            names.DLQ_STREAM_SEQ: str(meta.sequence.stream),
+            names.DLQ_DELIVERED: str(meta.num_delivered),
+        }
+        async with self._translated():
+            await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
+
+    async def serve(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        """Serve requests on ``subject`` in the shared queue group."""
+        async with self._translated():
+            await self.nc.subscribe(subject, queue=self.subjects.api_queue, cb=handler)
+
+    async def reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
+        """Answer a request (best effort: a requester that left gets nothing)."""
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self.nc.publish(msg.reply, data, headers=headers)
+
+    async def close(self) -> None:
+        """Drain subscriptions and close (pending publishes are flushed)."""
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    @contextlib.asynccontextmanager
+    async def _translated(self) -> Any:
+        try:
+            yield
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS: {exc!r}") from exc

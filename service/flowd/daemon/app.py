@@ -1,0 +1,227 @@
+"""The composition root: builds every object, runs the loops, shuts down cleanly.
+
+Start-up: (embedded servers) -> PostgreSQL pool -> migrate or check -> NATS, streams and
+consumers -> manager, dispatcher, outbox relay, API, HTTP endpoints. SIGTERM/SIGINT: stop
+fetching, finish the batches in flight, flush the outbox, drain NATS, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from flowd import embedded
+from flowd.bus.nats import BusUnavailable, NatsBus, StreamLimits, connect
+from flowd.bus.subjects import Subjects
+from flowd.config import Settings
+from flowd.core import errors
+from flowd.daemon.api import Api
+from flowd.daemon.dispatch import Dispatcher, Kind
+from flowd.daemon.health import Metrics, serve_http
+from flowd.daemon.relay import OutboxRelay
+from flowd.manager import FlowManager
+from flowd.store.migrate import MigrationError
+from flowd.store.postgres import PostgresFlowStore
+
+log = structlog.get_logger("flowd")
+T = TypeVar("T")
+
+
+class Daemon:
+    """One ``flowd run`` process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.metrics = Metrics()
+        self.stop = asyncio.Event()
+        self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
+
+    async def run(self, *, drain: bool = False) -> int:
+        """Serve until a signal (or, with ``drain``, until no message is pending)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._serve(drain)
+        except MigrationError as exc:
+            log.error("schema_mismatch", error=str(exc))
+            return 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            for server in reversed(self._servers):
+                await asyncio.to_thread(server.stop)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("stopping", signal=sig.name)
+        self.stop.set()
+
+    async def _serve(self, drain: bool) -> int:
+        s = self.settings
+        database_url, nats_url = await self._urls()
+        store = await self._retry(
+            "postgres",
+            lambda: PostgresFlowStore.connect(database_url, max_size=s.pool_size, outbox=True),
+        )
+        if store is None:
+            return 0
+        try:
+            if s.migrate:
+                applied = await store.migrate()
+                log.info("schema_migrated", applied=applied)
+            elif pending := await store.pending_migrations():
+                raise MigrationError(f"pending migrations: {', '.join(pending)}")
+            nc = await self._retry(
+                "nats",
+                lambda: connect(
+                    nats_url,
+                    creds=str(s.nats_creds) if s.nats_creds else None,
+                    tls_ca=str(s.nats_tls_ca) if s.nats_tls_ca else None,
+                    tls_cert=str(s.nats_tls_cert) if s.nats_tls_cert else None,
+                    tls_key=str(s.nats_tls_key) if s.nats_tls_key else None,
+                ),
+            )
+            if nc is None:
+                return 0
+            bus = NatsBus(nc, self.subjects, self._limits())
+            try:
+                if await self._retry("streams", bus.ensure) is None:
+                    return 0
+                await self._run_loops(store, bus, drain)
+            finally:
+                await bus.close()
+        finally:
+            await store.close()
+        log.info("stopped")
+        return 0
+
+    async def _run_loops(self, store: PostgresFlowStore, bus: NatsBus, drain: bool) -> None:
+        s, m = self.settings, self.metrics
+        manager = FlowManager(store)
+        relay = OutboxRelay(store, bus, m, interval=s.relay_interval)
+        dispatcher = Dispatcher(
+            manager,
+            bus,
+            m,
+            concurrency=s.concurrency,
+            max_payload=s.max_payload,
+            max_deliver=s.max_deliver,
+            wake_relay=relay.wake,
+            stopping=self.stop,
+        )
+        api = Api(manager, bus, m, max_payload=s.max_payload, wake_relay=relay.wake)
+        await api.start()
+
+        async def ready() -> str | None:
+            try:
+                await store.ping()
+            except errors.StoreUnavailable as exc:
+                return f"postgres: {exc}"
+            return None if bus.connected else "nats: disconnected"
+
+        m.gauges["outbox_backlog"] = lambda: _float(store.outbox_backlog())
+        m.gauges["commands_pending"] = lambda: _float(
+            _first(bus.pending(self.subjects.cmd_consumer))
+        )
+        m.gauges["observations_pending"] = lambda: _float(
+            _first(bus.pending(self.subjects.obs_consumer))
+        )
+        http = await serve_http(s.http_host, s.http_port, m, ready) if s.http_port else None
+        log.info(
+            "serving",
+            prefix=s.prefix,
+            http=f"http://{s.http_host}:{s.http_port}" if http else None,
+            concurrency=s.concurrency,
+        )
+        relay_stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                relay_task = tasks.create_task(relay.run(relay_stop))
+                consumers = [
+                    tasks.create_task(self._consume(bus, dispatcher, "cmd", drain)),
+                    tasks.create_task(self._consume(bus, dispatcher, "obs", drain)),
+                ]
+                await asyncio.gather(*consumers)
+                relay_stop.set()
+                await relay_task
+        finally:
+            if http is not None:
+                http.close()
+                await http.wait_closed()
+
+    async def _consume(self, bus: NatsBus, dispatcher: Dispatcher, kind: Kind, drain: bool) -> None:
+        durable = self.subjects.cmd_consumer if kind == "cmd" else self.subjects.obs_consumer
+        while not self.stop.is_set():
+            try:
+                msgs = await bus.fetch(durable, self.settings.batch, wait=0.5)
+                if msgs:
+                    await dispatcher.handle_batch(kind, msgs)
+                elif drain and await bus.pending(durable) == (0, 0):
+                    return
+            except BusUnavailable as exc:
+                log.warning("nats_unavailable", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=1)
+
+    async def _urls(self) -> tuple[str, str]:
+        s = self.settings
+        database_url, nats_url = s.database_url, s.nats_url
+        if database_url is None:
+            pg = embedded.EmbeddedPostgres(s.data_dir / "postgres")
+            database_url = await asyncio.to_thread(pg.start)
+            self._servers.append(pg)
+            log.info("embedded_postgres_started", url=database_url)
+        if nats_url is None:
+            server = embedded.EmbeddedNats(s.data_dir / "nats")
+            nats_url = await asyncio.to_thread(server.start)
+            self._servers.append(server)
+            log.info("embedded_nats_started", url=nats_url)
+        if self._servers:
+            _write_env(s.data_dir / "urls.env", nats_url, database_url)
+        return database_url, nats_url
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()`` until it works, backing off; None if stopped first."""
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                return await call()
+            except (errors.StoreUnavailable, BusUnavailable) as exc:
+                log.warning("waiting_for", dependency=what, error=str(exc), retry_in=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+    def _limits(self) -> StreamLimits:
+        s = self.settings
+        return StreamLimits(
+            replicas=s.stream_replicas,
+            commands_max_age=s.commands_max_age,
+            events_max_age=s.events_max_age,
+            events_max_bytes=s.events_max_bytes,
+            duplicate_window=s.duplicate_window,
+            ack_wait=s.ack_wait,
+            max_deliver=s.max_deliver,
+            max_ack_pending=s.max_ack_pending,
+        )
+
+
+def _write_env(path: Path, nats_url: str, database_url: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"NATS_URL={nats_url}\nDATABASE_URL={database_url}\n")
+
+
+async def _first(pending: Awaitable[tuple[int, int]]) -> int:
+    return (await pending)[0]
+
+
+async def _float(value: Awaitable[Any]) -> float:
+    return float(await value)

@@ -1,0 +1,94 @@
+"""OutboxRelay: publishes outbox rows to JetStream, in order, and deletes them once acked.
+
+Woken right after local commits (low latency) and polling every ``interval`` for rows written
+by other replicas or left by a crash. Only one relay publishes at a time across replicas (the
+store's drain lock). A failed publish deletes nothing: the rows are re-sent later with the
+same ``Nats-Msg-Id``, which JetStream drops if the first send had landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from flowd.bus.nats import BusUnavailable, NatsBus
+from flowd.core import errors
+from flowd.core.outbox import OutboxMessage
+from flowd.daemon.health import Metrics
+from flowd.store.port import FlowStore
+
+log = structlog.get_logger("flowd.relay")
+
+
+class OutboxRelay:
+    """Drains the outbox into NATS until stopped, then flushes what is left."""
+
+    def __init__(
+        self,
+        store: FlowStore,
+        bus: NatsBus,
+        metrics: Metrics,
+        *,
+        interval: float = 0.2,
+        batch: int = 256,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self.interval = interval
+        self.batch = batch
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Ask for a drain now (called after local commits)."""
+        self._wake.set()
+
+    async def _publish(self, batch: list[OutboxMessage]) -> None:
+        await self.bus.publish_outbox(batch)
+        self.metrics.inc("outbox_published_total", len(batch))
+
+    async def drain_once(self) -> int:
+        """Publish until the outbox is empty (or another relay holds it); returns the count."""
+        total = 0
+        while n := await self.store.drain_outbox(self._publish, limit=self.batch):
+            total += n
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set, then flush for up to 10 s."""
+        backoff = self.interval
+        while not stop.is_set():
+            try:
+                await self.drain_once()
+                backoff = self.interval
+            except (errors.StoreUnavailable, BusUnavailable) as exc:
+                self.metrics.inc("outbox_errors_total")
+                log.warning("outbox_relay_failed", error=str(exc), retry_in=backoff)
+                backoff = min(backoff * 2, 5.0)
+            self._wake.clear()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=backoff, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+        await self.flush(seconds=10)
+
+    async def flush(self, seconds: float) -> None:
+        """Drain what is left, giving up after ``seconds`` (rows stay for later)."""
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    try:
+                        await self.drain_once()
+                        if await self.store.outbox_backlog() == 0:
+                            return
+                    except (errors.StoreUnavailable, BusUnavailable):
+                        pass
+                    await asyncio.sleep(0.05)  # another replica may hold the drain lock
+        except TimeoutError:
+            log.warning("outbox_flush_incomplete")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -55,3 +56,15 @@ async def pg_store(database_url: str) -> AsyncIterator[PostgresFlowStore]:
     store = await PostgresFlowStore.connect(database_url, max_size=20)
     yield store
     await store.close()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with servers.nats_server(Path(tmp_path_factory.mktemp("nats"))) as url:
+        yield url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A subject prefix (and so stream names) of this test's own."""
+    return f"t{uuid.uuid4().hex[:12]}"

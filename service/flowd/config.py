@@ -28,7 +28,6 @@ ENV: dict[str, str] = {
     "max_payload": "FLOWD_MAX_PAYLOAD",
     "ack_wait": "FLOWD_ACK_WAIT",
     "max_deliver": "FLOWD_MAX_DELIVER",
-    "max_ack_pending": "FLOWD_MAX_ACK_PENDING",
     "stream_replicas": "FLOWD_STREAM_REPLICAS",
     "commands_max_age": "FLOWD_COMMANDS_MAX_AGE",
     "events_max_age": "FLOWD_EVENTS_MAX_AGE",
@@ -64,7 +63,6 @@ class Settings(BaseModel):
     max_payload: int = Field(262_144, ge=1024, description="largest accepted body, bytes")
     ack_wait: float = Field(30.0, gt=0, description="seconds before JetStream redelivers")
     max_deliver: int = Field(20, ge=2, description="deliveries before a message is dead-lettered")
-    max_ack_pending: int = Field(1024, ge=1, description="unacked messages per consumer")
     stream_replicas: int = Field(1, ge=1, le=5, description="JetStream stream replicas")
     commands_max_age: float = Field(7 * 86400, gt=0, description="seconds commands are kept")
     events_max_age: float = Field(7 * 86400, gt=0, description="seconds events are kept")

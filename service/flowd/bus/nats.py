@@ -206,9 +206,16 @@ class NatsBus:
             await self.nc.publish(msg.reply, data, headers=headers)
 
     async def close(self) -> None:
-        """Drain subscriptions and close (pending publishes are flushed)."""
-        with contextlib.suppress(Exception):
-            await self.nc.drain()
+        """Stop the pull subscriptions, drain the rest (API replies, publishes), close."""
+        for sub in self._subs.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except Exception:  # a drain that cannot finish must not keep the process alive
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
     @contextlib.asynccontextmanager
     async def _translated(self) -> Any:

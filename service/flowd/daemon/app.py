@@ -158,6 +158,7 @@ class Daemon:
 
     async def _consume(self, bus: NatsBus, dispatcher: Dispatcher, kind: Kind, drain: bool) -> None:
         durable = self.subjects.cmd_consumer if kind == "cmd" else self.subjects.obs_consumer
+        await self._await_redeliveries(bus, durable)
         while not self.stop.is_set():
             try:
                 msgs = await bus.fetch(durable, self.settings.batch, wait=0.5)
@@ -169,6 +170,21 @@ class Daemon:
                 log.warning("nats_unavailable", error=str(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=1)
+
+    async def _await_redeliveries(self, bus: NatsBus, durable: str) -> None:
+        """Messages a crashed process had fetched must come back before anything newer is
+        fetched, or a flow's later command could overtake its earlier one. They come back
+        (first, in order) once their ack_wait expires; wait for that."""
+        deadline = asyncio.get_running_loop().time() + self.settings.ack_wait + 5
+        while not self.stop.is_set() and asyncio.get_running_loop().time() < deadline:
+            try:
+                if (await bus.pending(durable))[1] == 0:
+                    return
+            except BusUnavailable:
+                pass
+            log.info("waiting_for_redeliveries", consumer=durable)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=0.5)
 
     async def _urls(self) -> tuple[str, str]:
         s = self.settings
@@ -210,7 +226,9 @@ class Daemon:
             duplicate_window=s.duplicate_window,
             ack_wait=s.ack_wait,
             max_deliver=s.max_deliver,
-            max_ack_pending=s.max_ack_pending,
+            # One batch in flight per consumer: after a crash nothing newer can be fetched
+            # before the unacked batch is redelivered, so per-flow order survives.
+            max_ack_pending=s.batch,
         )
 
 

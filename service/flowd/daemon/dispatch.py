@@ -137,9 +137,15 @@ class Dispatcher:
                     for rest, _ in lane[i:]:
                         await _settle(rest.nak())
                     return
-                await self._handle(kind, msg, decoded)
+                if not await self._handle(kind, msg, decoded):
+                    # This message goes back for redelivery; so must every later message
+                    # of its flow, or they would overtake it.
+                    for rest, _ in lane[i + 1 :]:
+                        await _settle(rest.nak(delay=1))
+                    return
 
-    async def _handle(self, kind: Kind, msg: Message, decoded: codec.Decoded | Exception) -> None:
+    async def _handle(self, kind: Kind, msg: Message, decoded: codec.Decoded | Exception) -> bool:
+        """Settle one message; False if it was handed back for redelivery."""
         started = time.perf_counter()
         delivered = msg.metadata.num_delivered
         cid = decoded.command_id if isinstance(decoded, codec.Decoded | codec.Rejected) else None
@@ -150,12 +156,10 @@ class Dispatcher:
             delivered=delivered,
         )
         if isinstance(decoded, codec.Undecodable):
-            await self._dead_letter(kind, msg, decoded.reason, bound)
-            return
+            return await self._dead_letter(kind, msg, decoded.reason, bound)
         if delivered >= self.max_deliver:
             reason = f"delivered {delivered} times without an outcome"
-            await self._dead_letter(kind, msg, reason, bound)
-            return
+            return await self._dead_letter(kind, msg, reason, bound)
         if isinstance(decoded, codec.Rejected):
             done = await self._with_store(
                 msg,
@@ -167,9 +171,9 @@ class Dispatcher:
             if done:
                 self._count_rejection(decoded.error.code, bound, decoded.error.message)
                 await _settle(msg.ack())
-            return
+            return done
         assert isinstance(decoded, codec.Decoded)
-        await self._apply(kind, msg, decoded, bound, started)
+        return await self._apply(kind, msg, decoded, bound, started)
 
     async def _apply(
         self,
@@ -178,7 +182,7 @@ class Dispatcher:
         cmd: codec.Decoded,
         bound: Any,
         started: float,
-    ) -> None:
+    ) -> bool:
         outcome: list[str] = []
 
         async def attempt() -> None:
@@ -208,9 +212,9 @@ class Dispatcher:
             bound.exception("command_crashed", verb=cmd.verb)
             self.metrics.inc("commands_crashed_total", kind=kind)
             await _settle(msg.nak(delay=min(30, 2**msg.metadata.num_delivered)))
-            return
+            return False
         if not done:
-            return
+            return False
         await _settle(msg.ack())
         status = outcome[0] if outcome else "applied"
         if status == "applied":
@@ -218,6 +222,7 @@ class Dispatcher:
         elif status == "duplicate":
             self.metrics.inc("commands_duplicate_total", kind=kind)
         self.metrics.observe("command_seconds", time.perf_counter() - started)
+        return True
 
     async def _with_store(self, msg: Message, bound: Any, call: Callable[[], Any]) -> bool:
         """Run ``call`` until PostgreSQL answers; False if we stopped before it did."""
@@ -237,7 +242,7 @@ class Dispatcher:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _dead_letter(self, kind: Kind, msg: Message, reason: str, bound: Any) -> None:
+    async def _dead_letter(self, kind: Kind, msg: Message, reason: str, bound: Any) -> bool:
         meta = msg.metadata
         cid = codec.command_id(msg.headers, f"{meta.stream}:{meta.sequence.stream}")
         while True:
@@ -246,11 +251,12 @@ class Dispatcher:
                 break
             except BusUnavailable:
                 if self._stopping.is_set():
-                    return  # not acked: redelivered after restart
+                    return False  # not acked: redelivered after restart
                 await asyncio.sleep(0.5)
         await _settle(msg.ack())
         self.metrics.inc("dead_letters_total", kind=kind)
         bound.warning("command_dead_lettered", reason=reason)
+        return True
 
     def _count_rejection(self, code: str, bound: Any, message: str, verb: str = "") -> None:
         self.metrics.inc("commands_rejected_total", code=code)

@@ -167,7 +167,9 @@ def parse_json(data: bytes, max_payload: int) -> object:
         return {}
     try:
         value = json.loads(data)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
         raise Undecodable(f"payload is not UTF-8 JSON: {str(exc)[:200]}") from None
     if not _depth_ok(value):
         raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels")

@@ -1,0 +1,114 @@
+"""Decoding sorts every message into Decoded, Rejected (an answerable error) or Undecodable."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from flowd.bus import codec
+
+FID = str(uuid.uuid4())
+
+
+def decode(
+    kind: str, tokens: list[str], body: object = None, raw: bytes | None = None, **kw: object
+):  # type: ignore[no-untyped-def]
+    data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
+    return codec.decode(
+        kind,  # type: ignore[arg-type]
+        tokens,
+        kw.get("headers", {"Nats-Msg-Id": "cid-1"}),  # type: ignore[arg-type]
+        data,
+        fallback_id="S:7",
+        max_payload=kw.get("max_payload", 1024),  # type: ignore[arg-type]
+    )
+
+
+def test_valid_command() -> None:
+    d = decode(
+        "cmd", [FID, "update"], {"patch": {"a": 1}, "next_step": "s", "expected_revision": 3}
+    )
+    assert (d.verb, str(d.flow_id), d.token, d.command_id) == ("update", FID, FID, "cid-1")
+    assert isinstance(d.body, codec.UpdateCommand)
+    assert d.body.expected_revision == 3
+
+
+def test_create_uses_payload_id_as_token() -> None:
+    d = decode(
+        "cmd", ["create"], {"controller_id": "c", "goal": "g", "owner_session_key": "o", "id": FID}
+    )
+    assert (d.token, str(d.flow_id)) == (FID, FID)
+    anonymous = decode(
+        "cmd", ["create"], {"controller_id": "c", "goal": "g", "owner_session_key": "o"}
+    )
+    assert (anonymous.token, anonymous.flow_id) == ("create", None)
+
+
+def test_missing_msg_id_falls_back_to_stream_sequence() -> None:
+    assert decode("cmd", [FID, "start"], headers={}).command_id == "S:7"
+    assert decode("cmd", [FID, "start"], headers={"Nats-Msg-Id": "x" * 201}).command_id == "S:7"
+
+
+def test_empty_body_is_an_empty_object() -> None:
+    assert decode("cmd", [FID, "cancel"], raw=b"").body == codec.CancelCommand()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "body", "field"),
+    [
+        (["nope", "start"], {}, None),
+        ([FID, "explode"], {}, None),
+        ([FID, "update"], {"patch": [1]}, "patch"),
+        ([FID, "update"], {"patch": {}, "next_step": 5}, "next_step"),
+        ([FID, "start"], {"expected_revision": "1"}, "expected_revision"),
+        ([FID, "start"], {"expected_revision": True}, "expected_revision"),
+        ([FID, "start"], {"expected_revision": -1}, "expected_revision"),
+        ([FID, "start"], {"extra": 1}, "extra"),
+        ([FID, "fail"], {}, "reason"),
+        ([FID, "update"], [1], None),
+        (["create"], {"goal": 1}, "goal"),
+    ],
+)
+def test_invalid_commands_are_rejected_with_a_token(
+    tokens: list[str], body: object, field: str | None
+) -> None:
+    with pytest.raises(codec.Rejected) as info:
+        decode("cmd", tokens, body)
+    assert info.value.error.code == "invalid_input"
+    assert info.value.command_id == "cid-1"
+    assert info.value.token == tokens[0]
+    if field is not None:
+        assert field in info.value.error.errors
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokens", "raw", "reason"),
+    [
+        ("cmd", [FID, "update"], b"{nope", "not UTF-8 JSON"),
+        ("cmd", [FID, "update"], b"\xff", "not UTF-8 JSON"),
+        ("cmd", [FID, "update"], b"{}" + b" " * 2000, "exceeds"),
+        ("cmd", [FID, "update"], b"[" * 40 + b"]" * 40, "deeper"),
+        ("cmd", [FID, "update"], b"[" * 100_000 + b"]" * 100_000, "deeper"),
+        ("cmd", [FID], b"{}", "no such cmd subject"),
+        ("cmd", [FID, "update", "x"], b"{}", "no such cmd subject"),
+        ("obs", [FID, "x"], b"{}", "no such obs subject"),
+    ],
+)
+def test_unreadable_input_is_undecodable(
+    kind: str, tokens: list[str], raw: bytes, reason: str
+) -> None:
+    with pytest.raises(codec.Undecodable, match=reason):
+        decode(kind, tokens, raw=raw, max_payload=len(raw) if len(raw) > 100_000 else 1024)
+
+
+def test_observation_flow_id_must_match_subject() -> None:
+    ok = decode("obs", [FID], {"run_id": "r", "task": "t", "status": "running", "flow_id": FID})
+    assert ok.verb == "observe"
+    with pytest.raises(codec.Rejected, match="differs"):
+        decode(
+            "obs",
+            [FID],
+            {"run_id": "r", "task": "t", "status": "running", "flow_id": str(uuid.uuid4())},
+        )

@@ -34,6 +34,8 @@ ENV: dict[str, str] = {
     "events_max_bytes": "FLOWD_EVENTS_MAX_BYTES",
     "duplicate_window": "FLOWD_DUPLICATE_WINDOW",
     "relay_interval": "FLOWD_RELAY_INTERVAL",
+    "wait_tick": "FLOWD_WAIT_TICK",
+    "wait_batch": "FLOWD_WAIT_BATCH",
     "migrate": "FLOWD_MIGRATE",
     "log_format": "FLOWD_LOG_FORMAT",
     "log_level": "FLOWD_LOG_LEVEL",
@@ -69,6 +71,8 @@ class Settings(BaseModel):
     events_max_bytes: int = Field(-1, description="byte limit of the events stream; -1: none")
     duplicate_window: float = Field(300.0, gt=0, description="JetStream dedup window, seconds")
     relay_interval: float = Field(0.2, gt=0, description="outbox poll interval, seconds")
+    wait_tick: float = Field(0.1, gt=0, description="how often due timers are claimed, seconds")
+    wait_batch: int = Field(256, ge=1, le=10_000, description="due conditions claimed per tick")
     migrate: bool = Field(True, description="apply migrations at start (else only check)")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, JsonValue, ValidationError
 
-from flowd.core import apply, errors
+from flowd.core import apply, errors, waits
 from flowd.core.apply import Change
 from flowd.core.models import (
     CreateManagedInput,
@@ -158,13 +158,37 @@ class FlowManager:
         expected_revision: int | None = None,
         command_id: str | None = None,
     ) -> Flow:
-        """running -> waiting; ``wait_json`` must be a JSON object."""
+        """running -> waiting; ``wait_json`` must be a valid wait condition (core.waits).
+        A kept signal that matches resumes the flow at once."""
         apply.require_object(wait_json, "wait_json")
+        waits.parse(wait_json)
+
+        async def wait(flow: Flow) -> Change:
+            pending = tuple(await self.store.pending_signals(flow.id))
+            return apply.set_waiting(
+                flow, wait_json, now=self._clock(), new_id=self._new_id, pending=pending
+            )
+
+        return await self._mutate_async(flow_id, expected_revision, command_id, wait)
+
+    async def signal(
+        self,
+        flow_id: UUID,
+        name: str,
+        payload: JsonValue = None,
+        *,
+        expected_revision: int | None = None,
+        command_id: str | None = None,
+    ) -> Flow:
+        """Send signal ``name``: resumes the flow if it waits for it, else the signal is kept
+        (durably) and consumed by the first later wait for that name."""
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise errors.InvalidInput("signal name must be 1-200 characters", {"name": "invalid"})
         return await self._mutate(
             flow_id,
             expected_revision,
             command_id,
-            lambda f: apply.set_waiting(f, wait_json, now=self._clock(), new_id=self._new_id),
+            lambda f: apply.signal(f, name, payload, now=self._clock(), new_id=self._new_id),
         )
 
     async def resume(

@@ -68,6 +68,14 @@ def predicted(m: Model, to: str, only_from: str | None = None) -> type[FlowError
 keys = st.sampled_from(["a", "b", "c"])
 patches = st.dictionaries(keys, st.integers(0, 3) | st.none() | st.just({"n": 1}), max_size=2)
 bad_patches = st.sampled_from([[1], "x", 7])
+valid_waits = st.sampled_from(
+    [
+        {"kind": "manual"},
+        {"kind": "signal", "name": "go"},
+        {"kind": "timer", "at": "2999-01-01T00:00:00+00:00"},
+        {"kind": "subject", "subject": "orders.paid", "correlation_id": "o-1"},
+    ]
+)
 
 
 class FlowMachine(RuleBasedStateMachine):
@@ -129,7 +137,7 @@ class FlowMachine(RuleBasedStateMachine):
     def start(self, flow_id: uuid.UUID) -> None:
         self._move(flow_id, "running", lambda: self.manager.start_running(flow_id), "created")
 
-    @rule(flow_id=flows, wait=patches)
+    @rule(flow_id=flows, wait=valid_waits)
     def wait(self, flow_id: uuid.UUID, wait: dict[str, Any]) -> None:
         call = lambda: self.manager.set_waiting(flow_id, wait)  # noqa: E731
         self._move(flow_id, "waiting", call, wait=wait)

@@ -83,6 +83,12 @@ class UpdateCommand(_Wire):
     expected_revision: Revision | None = None
 
 
+class SignalCommand(_Wire):
+    name: Name
+    payload: JsonValue = None
+    expected_revision: Revision | None = None
+
+
 class ObserveCommand(_Wire):
     """``<prefix>.obs.<flow_id>``: one report about one run of an external job."""
 
@@ -104,6 +110,7 @@ BODIES: Final[dict[str, type[BaseModel]]] = {
     "request_cancel": RequestCancelCommand,
     "cancel": CancelCommand,
     "update": UpdateCommand,
+    "signal": SignalCommand,
     "observe": ObserveCommand,
 }
 assert set(BODIES) == {*VERBS, "create", "observe"}

@@ -123,6 +123,14 @@ class NatsBus:
                 storage=api.StorageType.FILE,
             ),
             api.StreamConfig(
+                name=s.wake_stream,
+                subjects=[s.wake_all],
+                max_age=lim.commands_max_age,
+                duplicate_window=lim.duplicate_window,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+            ),
+            api.StreamConfig(
                 name=s.dlq_stream,
                 subjects=[s.dlq_all],
                 max_age=lim.dlq_max_age,
@@ -136,7 +144,12 @@ class NatsBus:
                     await self.js.add_stream(config)
                 except nats.js.errors.BadRequestError:
                     await self.js.update_stream(config)
-            for stream, durable in ((s.cmd_stream, s.cmd_consumer), (s.obs_stream, s.obs_consumer)):
+            consumers = (
+                (s.cmd_stream, s.cmd_consumer),
+                (s.obs_stream, s.obs_consumer),
+                (s.wake_stream, s.wake_consumer),
+            )
+            for stream, durable in consumers:
                 consumer = api.ConsumerConfig(
                     durable_name=durable,
                     ack_policy=api.AckPolicy.EXPLICIT,
@@ -199,6 +212,14 @@ class NatsBus:
         """Serve requests on ``subject`` in the shared queue group."""
         async with self._translated():
             await self.nc.subscribe(subject, queue=self.subjects.api_queue, cb=handler)
+
+    async def listen(
+        self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """Subscribe (core NATS, queue group) and return the function that unsubscribes."""
+        async with self._translated():
+            sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
+        return sub.unsubscribe
 
     async def reply(self, msg: Msg, data: bytes, headers: dict[str, str] | None) -> None:
         """Answer a request (best effort: a requester that left gets nothing)."""

@@ -19,6 +19,7 @@ VERBS: Final = (
     "request_cancel",
     "cancel",
     "update",
+    "signal",
 )
 _TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -60,8 +61,14 @@ class Subjects:
     def dlq_stream(self) -> str:
         return f"{self.stream_base}_DLQ"
 
+    @property
+    def wake_stream(self) -> str:
+        return f"{self.stream_base}_WAKE"
+
     cmd_consumer: str = "flowd-cmd"
     obs_consumer: str = "flowd-obs"
+    wake_consumer: str = "flowd-wake"
+    wake_queue: str = "flowd-wake"
     api_queue: str = "flowd-api"
 
     # -- subjects -----------------------------------------------------------------------------
@@ -84,6 +91,11 @@ class Subjects:
     @property
     def dlq_all(self) -> str:
         return f"{self.prefix}.dlq.>"
+
+    @property
+    def wake_all(self) -> str:
+        """Subjects captured by the wake stream: subject waits on these are durable."""
+        return f"{self.prefix}.wake.>"
 
     @property
     def api_all(self) -> str:
@@ -127,5 +139,6 @@ DLQ_REASON: Final = "Flowd-Dlq-Reason"
 DLQ_SUBJECT: Final = "Flowd-Dlq-Subject"
 DLQ_STREAM_SEQ: Final = "Flowd-Dlq-Stream-Seq"
 DLQ_DELIVERED: Final = "Flowd-Dlq-Delivered"
+CORRELATION_ID: Final = "Flowd-Correlation-Id"
 SERVICE_ERROR: Final = "Nats-Service-Error"
 SERVICE_ERROR_CODE: Final = "Nats-Service-Error-Code"

@@ -8,14 +8,14 @@ commits what they return.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from pydantic import JsonValue
 
-from flowd.core import errors
+from flowd.core import errors, waits
 from flowd.core.models import (
     CreateManagedInput,
     Flow,
@@ -41,6 +41,11 @@ class Change:
     events: tuple[FlowEvent, ...]
     expected_revision: int | None
     step: FlowStep | None = None
+    #: Wait conditions to index: None leaves them as they are, () clears, else replaces.
+    conditions: tuple[waits.Condition, ...] | None = None
+    #: A signal to keep for a later wait, or the id of a kept signal this change consumed.
+    signal: waits.Signal | None = None
+    consumed_signal: int | None = None
     #: Fields that differ in the flow as it was after each event but the last (only a
     #: mirrored create has two events: ``created`` at revision 0, then ``started``).
     before_last: Mapping[str, Any] = field(default_factory=dict)
@@ -147,7 +152,10 @@ def _move(
         # `resume` takes waiting -> running.
         raise errors.InvalidTransition(flow.id, flow.status, to)
     after = flow.evolve(status=to, revision=flow.revision + 1, updated_at=now, **changes)
-    return Change(after, (_event(after, kind, payload, now, new_id),), flow.revision)
+    cleared = () if flow.status is FlowStatus.WAITING else None
+    return Change(
+        after, (_event(after, kind, payload, now, new_id),), flow.revision, conditions=cleared
+    )
 
 
 def start(flow: Flow, *, now: datetime, new_id: NewId) -> Change:
@@ -155,12 +163,73 @@ def start(flow: Flow, *, now: datetime, new_id: NewId) -> Change:
     return _move(flow, FlowStatus.RUNNING, "started", {}, now, new_id, only_from=FlowStatus.CREATED)
 
 
-def set_waiting(flow: Flow, wait: object, *, now: datetime, new_id: NewId) -> Change:
-    """running -> waiting, recording what the flow waits for."""
+def set_waiting(
+    flow: Flow,
+    wait: object,
+    *,
+    now: datetime,
+    new_id: NewId,
+    pending: tuple[waits.Signal, ...] = (),
+) -> Change:
+    """running -> waiting, recording what the flow waits for.
+
+    If a kept signal (``pending``, oldest first) already matches the wait, the flow is
+    resumed in the same change: events ``waiting`` then ``resumed``, the signal consumed.
+    """
     wait_json = require_object(wait, "wait_json")
-    return _move(
+    typed = waits.parse(wait_json)
+    change = _move(
         flow, FlowStatus.WAITING, "waiting", {"wait": wait_json}, now, new_id, wait_json=wait_json
     )
+    names = waits.signal_names(typed)
+    match = next((sig for sig in pending if sig.name in names), None)
+    if match is None:
+        return replace(change, conditions=waits.conditions(typed))
+    woken = _resume_change(
+        change.flow,
+        waits.wake("signal", now, name=match.name, payload=match.payload),
+        now,
+        new_id,
+    )
+    return Change(
+        woken.flow,
+        (*change.events, *woken.events),
+        flow.revision,
+        conditions=(),
+        consumed_signal=match.id,
+        before_last={
+            "status": FlowStatus.WAITING,
+            "revision": change.flow.revision,
+            "wait_json": wait_json,
+            "state_json": flow.state_json,
+        },
+    )
+
+
+def _resume_change(flow: Flow, wake: JsonObject, now: datetime, new_id: NewId) -> Change:
+    return resume(flow, {"wake": wake}, now=now, new_id=new_id, cause=wake)
+
+
+def signal(
+    flow: Flow, name: str, payload: JsonValue = None, *, now: datetime, new_id: NewId
+) -> Change:
+    """Deliver signal ``name``: resume the flow if it waits for it, else keep the signal for
+    a later wait (event ``signal_received``). Either way the revision moves, so a signal and
+    a concurrent ``set_waiting`` are serialised and no wake-up is lost."""
+    _require_mutable(flow)
+    if (
+        flow.status is FlowStatus.WAITING
+        and flow.cancel_requested_at is None
+        and flow.wait_json is not None
+        and name in waits.signal_names(waits.parse(flow.wait_json))
+    ):
+        return _resume_change(
+            flow, waits.wake("signal", now, name=name, payload=payload), now, new_id
+        )
+    after = flow.evolve(revision=flow.revision + 1, updated_at=now)
+    event = _event(after, "signal_received", {"name": name}, now, new_id)
+    kept = waits.Signal(None, flow.id, name, payload, now)
+    return Change(after, (event,), flow.revision, signal=kept)
 
 
 def resume(
@@ -236,7 +305,10 @@ def request_cancel(flow: Flow, *, now: datetime, new_id: NewId) -> Change | None
     if flow.cancel_requested_at is not None:
         return None
     after = flow.evolve(cancel_requested_at=now, revision=flow.revision + 1, updated_at=now)
-    return Change(after, (_event(after, "cancel_requested", {}, now, new_id),), flow.revision)
+    # A waiting flow with a cancel request is the engine's to cancel: index it as due now.
+    due = (waits.Condition("cancel", due_at=now),) if flow.status is FlowStatus.WAITING else None
+    event = _event(after, "cancel_requested", {}, now, new_id)
+    return Change(after, (event,), flow.revision, conditions=due)
 
 
 def update_state(

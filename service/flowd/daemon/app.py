@@ -25,6 +25,7 @@ from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
 from flowd.daemon.health import Metrics, serve_http
 from flowd.daemon.relay import OutboxRelay
+from flowd.daemon.waits import WaitEngine
 from flowd.manager import FlowManager
 from flowd.store.migrate import MigrationError
 from flowd.store.postgres import PostgresFlowStore
@@ -106,6 +107,12 @@ class Daemon:
         s, m = self.settings, self.metrics
         manager = FlowManager(store)
         relay = OutboxRelay(store, bus, m, interval=s.relay_interval)
+        engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
+
+        def committed() -> None:
+            relay.wake()
+            engine.waits_changed()
+
         dispatcher = Dispatcher(
             manager,
             bus,
@@ -113,10 +120,10 @@ class Daemon:
             concurrency=s.concurrency,
             max_payload=s.max_payload,
             max_deliver=s.max_deliver,
-            wake_relay=relay.wake,
+            wake_relay=committed,
             stopping=self.stop,
         )
-        api = Api(manager, bus, m, max_payload=s.max_payload, wake_relay=relay.wake)
+        api = Api(manager, bus, m, max_payload=s.max_payload, wake_relay=committed)
         await api.start()
 
         async def ready() -> str | None:
@@ -144,11 +151,13 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tasks:
                 relay_task = tasks.create_task(relay.run(relay_stop))
+                tasks.create_task(engine.run(self.stop))
                 consumers = [
                     tasks.create_task(self._consume(bus, dispatcher, "cmd", drain)),
                     tasks.create_task(self._consume(bus, dispatcher, "obs", drain)),
                 ]
                 await asyncio.gather(*consumers)
+                self.stop.set()  # --drain ends here too: stop the wait engine
                 relay_stop.set()
                 await relay_task
         finally:

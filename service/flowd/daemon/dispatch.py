@@ -66,6 +66,8 @@ async def execute(manager: FlowManager, cmd: codec.Decoded) -> Flow | FlowStep:
             return await manager.cancel(fid, **opts)
         case "update":
             return await manager.update_state(fid, body.patch, body.next_step, **opts)
+        case "signal":
+            return await manager.signal(fid, body.name, body.payload, **opts)
     raise AssertionError(f"unhandled verb {cmd.verb}")  # codec.BODIES and this match agree
 
 

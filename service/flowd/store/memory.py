@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from flowd.core import errors
@@ -16,7 +18,8 @@ from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
 from flowd.core.status import FlowStatus
-from flowd.store.port import MAX_PAGE
+from flowd.core.waits import Signal
+from flowd.store.port import MAX_PAGE, Due
 
 
 class InMemoryFlowStore:
@@ -28,6 +31,8 @@ class InMemoryFlowStore:
         self._steps: dict[UUID, dict[str, FlowStep]] = {}
         self._outcomes: dict[str, JsonObject] = {}
         self._outbox: list[OutboxMessage] | None = [] if outbox else None
+        self._conditions: dict[UUID, list[list[Any]]] = {}  # [Condition, claimed_until]
+        self._signals: dict[int, tuple[Signal, bool]] = {}  # id -> (signal, consumed)
         self._lock = asyncio.Lock()
         self._drain_lock = asyncio.Lock()
 
@@ -54,6 +59,16 @@ class InMemoryFlowStore:
             self._events.setdefault(flow.id, []).extend(change.events)
             if change.step is not None:
                 self._steps.setdefault(flow.id, {})[change.step.run_id] = change.step
+            if change.conditions is not None:
+                self._conditions[flow.id] = [[c, None] for c in change.conditions]
+            if change.signal is not None:
+                sid = len(self._signals) + 1
+                self._signals[sid] = (replace(change.signal, id=sid), False)
+            if change.consumed_signal is not None:
+                self._signals[change.consumed_signal] = (
+                    self._signals[change.consumed_signal][0],
+                    True,
+                )
             if command_id is not None:
                 self._outcomes[command_id] = applied_outcome(change)
             if self._outbox is not None:
@@ -132,7 +147,48 @@ class InMemoryFlowStore:
                 del self._flows[flow_id]
                 self._events.pop(flow_id, None)
                 self._steps.pop(flow_id, None)
+                self._conditions.pop(flow_id, None)
+                for sid in [i for i, (sig, _) in self._signals.items() if sig.flow_id == flow_id]:
+                    del self._signals[sid]
             return len(old)
+
+    async def pending_signals(self, flow_id: UUID) -> list[Signal]:
+        return [
+            sig
+            for _, (sig, consumed) in sorted(self._signals.items())
+            if sig.flow_id == flow_id and not consumed
+        ]
+
+    async def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[Due]:
+        async with self._lock:
+            due = sorted(
+                (
+                    (row[0].due_at, flow_id, row)
+                    for flow_id, rows in self._conditions.items()
+                    for row in rows
+                    if row[0].due_at is not None
+                    and row[0].due_at <= now
+                    and (row[1] is None or row[1] < now)
+                ),
+                key=lambda item: item[0],
+            )[:limit]
+            claimed = []
+            for _, flow_id, row in due:
+                row[1] = lease_until
+                claimed.append(Due(flow_id, self._flows[flow_id].revision, row[0]))
+            return claimed
+
+    async def flows_waiting_on(self, subject: str, correlation_id: str) -> list[UUID]:
+        return [
+            flow_id
+            for flow_id, rows in self._conditions.items()
+            if any(r[0].subject == subject and r[0].correlation_id == correlation_id for r in rows)
+        ]
+
+    async def wait_subjects(self) -> list[str]:
+        return sorted(
+            {r[0].subject for rows in self._conditions.values() for r in rows if r[0].subject}
+        )
 
     async def ping(self) -> None:
         return None

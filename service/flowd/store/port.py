@@ -8,6 +8,7 @@ one ``Change`` (flow row, events, step) atomically or not at all.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
@@ -16,8 +17,18 @@ from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage
 from flowd.core.status import FlowStatus
+from flowd.core.waits import Condition, Signal
 
 MAX_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A claimed due condition: which flow, at which revision, and why."""
+
+    flow_id: UUID
+    revision: int
+    condition: Condition
 
 
 class FlowStore(Protocol):
@@ -90,6 +101,26 @@ class FlowStore(Protocol):
 
     async def prune(self, older_than: datetime) -> int:
         """Delete terminal flows last updated before ``older_than`` (with steps and events)."""
+        ...
+
+    # -- the wait engine -----------------------------------------------------------------------
+
+    async def pending_signals(self, flow_id: UUID) -> list[Signal]:
+        """Signals kept for ``flow_id`` and not consumed yet, oldest first."""
+        ...
+
+    async def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[Due]:
+        """Claim up to ``limit`` conditions due at ``now`` (timers, timeouts, cancels) that
+        nobody holds, leasing them until ``lease_until``; soonest first. Any number of
+        claimers at once each get different rows (PostgreSQL: FOR UPDATE SKIP LOCKED)."""
+        ...
+
+    async def flows_waiting_on(self, subject: str, correlation_id: str) -> list[UUID]:
+        """Flows with a subject condition on ``subject`` with ``correlation_id``."""
+        ...
+
+    async def wait_subjects(self) -> list[str]:
+        """Every subject some waiting flow has a condition on."""
         ...
 
     async def ping(self) -> None:

@@ -21,8 +21,9 @@ from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
 from flowd.core.status import FlowStatus, FlowStepStatus, SyncMode
+from flowd.core.waits import Condition, Signal
 from flowd.store import migrate
-from flowd.store.port import MAX_PAGE
+from flowd.store.port import MAX_PAGE, Due
 
 if TYPE_CHECKING:
     _Conn: TypeAlias = asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]
@@ -124,6 +125,37 @@ SELECT_OUTBOX: Final = """
 SELECT id, topic, msg_id, command_id, body FROM outbox ORDER BY id LIMIT $1"""
 DELETE_OUTBOX: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 COUNT_OUTBOX: Final = "SELECT count(*) FROM outbox"
+
+# -- the wait engine --------------------------------------------------------------------------
+DELETE_CONDITIONS: Final = "DELETE FROM wait_conditions WHERE flow_id = $1"
+INSERT_CONDITIONS: Final = """
+INSERT INTO wait_conditions (flow_id, kind, due_at, subject, correlation_id, name, on_timeout)
+SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                         $7::text[])"""
+INSERT_SIGNAL: Final = """
+INSERT INTO flow_signals (flow_id, name, payload, created_at) VALUES ($1, $2, $3, $4)"""
+CONSUME_SIGNAL: Final = "UPDATE flow_signals SET consumed_at = $2 WHERE id = $1"
+SELECT_SIGNALS: Final = """
+SELECT id, flow_id, name, payload, created_at FROM flow_signals
+WHERE flow_id = $1 AND consumed_at IS NULL ORDER BY id"""
+# Due rows only (partial index on due_at); rows another engine holds are skipped, not waited
+# for; a claim is a lease, so a crashed claimer's rows come back when it expires.
+CLAIM_DUE: Final = """
+WITH due AS (
+    SELECT id FROM wait_conditions
+    WHERE due_at <= $1 AND (claimed_until IS NULL OR claimed_until < $1)
+    ORDER BY due_at LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE wait_conditions w SET claimed_until = $2
+FROM due, flows f
+WHERE w.id = due.id AND f.id = w.flow_id
+RETURNING w.flow_id, f.revision, w.kind, w.due_at, w.subject, w.correlation_id, w.name,
+          w.on_timeout"""
+SELECT_WAITING_ON: Final = """
+SELECT DISTINCT flow_id FROM wait_conditions WHERE subject = $1 AND correlation_id = $2"""
+SELECT_WAIT_SUBJECTS: Final = """
+SELECT DISTINCT subject FROM wait_conditions WHERE subject IS NOT NULL ORDER BY subject"""
 
 PING: Final = "SELECT 1"
 PRUNE: Final = """
@@ -306,8 +338,30 @@ class PostgresFlowStore:
                     s.created_at,
                     s.updated_at,
                 )
+            await self._index_waits(conn, change)
             if self._outbox:
                 await self._queue(conn, change_messages(change, command_id))
+
+    @staticmethod
+    async def _index_waits(conn: _Conn, change: Change) -> None:
+        f = change.flow
+        if (conds := change.conditions) is not None:
+            await conn.execute(DELETE_CONDITIONS, f.id)
+            if conds:
+                await conn.execute(
+                    INSERT_CONDITIONS,
+                    f.id,
+                    [c.kind for c in conds],
+                    [c.due_at for c in conds],
+                    [c.subject for c in conds],
+                    [c.correlation_id for c in conds],
+                    [c.name for c in conds],
+                    [c.on_timeout for c in conds],
+                )
+        if (sig := change.signal) is not None:
+            await conn.execute(INSERT_SIGNAL, f.id, sig.name, sig.payload, sig.created_at)
+        if change.consumed_signal is not None:
+            await conn.execute(CONSUME_SIGNAL, change.consumed_signal, f.updated_at)
 
     async def _claim(
         self, conn: _Conn, command_id: str, flow_id: UUID | None, outcome: Any
@@ -414,6 +468,43 @@ class PostgresFlowStore:
         async with _translated():
             status = await self._pool.execute(PRUNE, older_than)
         return int(status.split()[-1])
+
+    async def pending_signals(self, flow_id: UUID) -> list[Signal]:
+        async with _translated():
+            rows = await self._pool.fetch(SELECT_SIGNALS, flow_id)
+        return [
+            Signal(r["id"], r["flow_id"], r["name"], r["payload"], r["created_at"]) for r in rows
+        ]
+
+    async def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[Due]:
+        async with _translated():
+            rows = await self._pool.fetch(CLAIM_DUE, now, lease_until, limit)
+        due = [
+            Due(
+                r["flow_id"],
+                r["revision"],
+                Condition(
+                    r["kind"],
+                    due_at=r["due_at"],
+                    subject=r["subject"],
+                    correlation_id=r["correlation_id"],
+                    name=r["name"],
+                    on_timeout=r["on_timeout"],
+                ),
+            )
+            for r in rows
+        ]
+        return sorted(due, key=lambda d: d.condition.due_at or now)
+
+    async def flows_waiting_on(self, subject: str, correlation_id: str) -> list[UUID]:
+        async with _translated():
+            rows = await self._pool.fetch(SELECT_WAITING_ON, subject, correlation_id)
+        return [r["flow_id"] for r in rows]
+
+    async def wait_subjects(self) -> list[str]:
+        async with _translated():
+            rows = await self._pool.fetch(SELECT_WAIT_SUBJECTS)
+        return [r["subject"] for r in rows]
 
     async def ping(self) -> None:
         async with _translated():

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: test lint fmt typecheck pytest test-external clean
+.PHONY: run test lint fmt typecheck pytest test-external clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flowd needs Python >= 3.11")'
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+## run: flowd on embedded NATS + PostgreSQL and a short live demo through flowctl
+run: $(STAMP)
+	BIN=$(BIN) bash scripts/demo.sh
 
 ## test: format check, lint, strict mypy, then every test (embedded servers unless URLs given)
 test: lint typecheck pytest

@@ -7,7 +7,7 @@ BIN=${BIN:-.venv/bin}
 DATA=${FLOWD_DATA_DIR:-.flowd/demo}
 export FLOWD_PREFIX=${FLOWD_PREFIX:-demo}
 export FLOWD_HTTP_PORT=${FLOWD_HTTP_PORT:-8321}
-rm -f "$DATA/urls.env"
+mkdir -p "$DATA" && rm -f "$DATA/urls.env"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

@@ -212,7 +212,9 @@ class FlowClient:
             body["expected_revision"] = opts["expected_revision"]
         if verb == "create":
             token = body["id"] = _token(flow_id or body.get("id") or uuid4())
-            subject = self.subjects.create()
+            # On the flow's own subject: same partition as its later commands, so they are
+            # applied after it even with several daemon replicas.
+            subject = self.subjects.command(token, "create")
         elif flow_id is None or verb not in (*VERBS, "observe"):
             raise ValueError(f"unknown verb {verb!r} or no flow id")
         elif verb == "observe":

@@ -19,6 +19,7 @@ ENV: dict[str, str] = {
     "nats_url": "NATS_URL",
     "database_url": "DATABASE_URL",
     "prefix": "FLOWD_PREFIX",
+    "partitions": "FLOWD_PARTITIONS",
     "data_dir": "FLOWD_DATA_DIR",
     "http_host": "FLOWD_HTTP_HOST",
     "http_port": "FLOWD_HTTP_PORT",
@@ -56,6 +57,9 @@ class Settings(BaseModel):
     )
     database_url: str | None = Field(None, description="PostgreSQL DSN; none: embedded")
     prefix: str = Field("flows", description="subject prefix, one token")
+    partitions: int = Field(
+        1, ge=1, le=1024, description="command partitions (>1: replicas share by partition)"
+    )
     data_dir: Path = Field(Path(".flowd"), description="where embedded servers keep data")
     http_host: str = Field("127.0.0.1", description="address of /healthz, /readyz, /metrics")
     http_port: int = Field(8321, ge=0, le=65535, description="port of the HTTP endpoints; 0: off")

@@ -32,7 +32,7 @@ def test_every_verb_and_its_fields_are_documented(verb: str) -> None:
 
 
 def test_create_and_observation_fields_are_documented() -> None:
-    row = _row("P.cmd.create")
+    row = _row("P.cmd.<id>.create`, `P.cmd.create")
     for field in codec.CreateCommand.model_fields:
         assert f"`{field}`" in row, field
     obs = DOC[DOC.index("### Step observations") :]

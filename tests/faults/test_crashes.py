@@ -30,7 +30,7 @@ async def publish_load(w: Wire, flows: list[str]) -> dict[str, list[str]]:
     s = w.s
     sent: dict[str, list[str]] = {f: [] for f in flows}
     for fid in flows:
-        sent[fid].append(await w.publish(s.create(), {**CREATE, "id": fid}))
+        sent[fid].append(await w.publish(s.command(fid, "create"), CREATE))
     for fid in flows:
         sent[fid].append(await w.publish(s.command(fid, "start")))
     for i in range(UPDATES):

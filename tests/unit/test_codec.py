@@ -112,3 +112,12 @@ def test_observation_flow_id_must_match_subject() -> None:
             [FID],
             {"run_id": "r", "task": "t", "status": "running", "flow_id": str(uuid.uuid4())},
         )
+
+
+def test_create_on_the_flow_subject_takes_the_id_from_it() -> None:
+    body = {"controller_id": "c", "goal": "g", "owner_session_key": "o"}
+    d = decode("cmd", [FID, "create"], body)
+    assert (d.verb, str(d.flow_id), d.token) == ("create", FID, FID)
+    assert str(d.body.id) == FID  # type: ignore[attr-defined]
+    with pytest.raises(codec.Rejected, match="differs"):
+        decode("cmd", [FID, "create"], {**body, "id": str(uuid.uuid4())})

@@ -202,16 +202,9 @@ def decode(
 ) -> Decoded:
     """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``)."""
     cid = command_id(headers, fallback_id)
-    if kind == "cmd" and tokens == ["create"]:
-        verb, token = "create", "create"
-    elif kind == "cmd" and len(tokens) == 2:
-        token, verb = tokens
-    elif kind == "obs" and len(tokens) == 1:
-        token, verb = tokens[0], "observe"
-    else:
-        raise Undecodable(f"no such {kind} subject: {'.'.join(tokens) or '<empty>'}")
+    verb, token = _route(kind, tokens)
     flow_id: UUID | None = None
-    if verb != "create":
+    if token != "create" or verb != "create":
         try:
             flow_id = UUID(token)
         except ValueError:
@@ -234,9 +227,34 @@ def decode(
         body = model.model_validate(value)
     except ValidationError as exc:
         raise Rejected(cid, token, flow_id, invalid_input(exc, f"{verb} payload")) from None
-    if isinstance(body, CreateCommand) and body.id is not None:
-        flow_id, token = body.id, str(body.id)
-    if isinstance(body, ObserveCommand) and body.flow_id not in (None, flow_id):
-        error = errors.InvalidInput("flow_id in the payload differs from the subject's")
-        raise Rejected(cid, token, flow_id, error)
-    return Decoded(verb, flow_id, token, cid, body)
+    return _reconcile_ids(Decoded(verb, flow_id, token, cid, body))
+
+
+def _route(kind: str, tokens: list[str]) -> tuple[str, str]:
+    """(verb, flow id token) from the subject tokens after ``cmd`` / ``obs``."""
+    if kind == "cmd" and tokens == ["create"]:
+        return "create", "create"
+    if kind == "cmd" and len(tokens) == 2:
+        return tokens[1], tokens[0]
+    if kind == "obs" and len(tokens) == 1:
+        return "observe", tokens[0]
+    raise Undecodable(f"no such {kind} subject: {'.'.join(tokens) or '<empty>'}")
+
+
+def _reconcile_ids(cmd: Decoded) -> Decoded:
+    """A flow id in the payload must agree with the subject's; a create's id becomes the
+    command's flow id (and so its outcome token)."""
+    body, flow_id = cmd.body, cmd.flow_id
+    mismatch = None
+    if isinstance(body, CreateCommand):
+        if flow_id is not None:  # <prefix>.cmd.<flow_id>.create
+            mismatch = body.id not in (None, flow_id)
+            body = body.model_copy(update={"id": flow_id})
+        elif body.id is not None:
+            return Decoded(cmd.verb, body.id, str(body.id), cmd.command_id, body)
+    elif isinstance(body, ObserveCommand):
+        mismatch = body.flow_id not in (None, flow_id)
+    if mismatch:
+        error = errors.InvalidInput("the flow id in the payload differs from the subject's")
+        raise Rejected(cmd.command_id, cmd.token, flow_id, error)
+    return Decoded(cmd.verb, flow_id, cmd.token, cmd.command_id, body)

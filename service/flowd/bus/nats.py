@@ -96,6 +96,10 @@ class NatsBus:
     async def ensure(self) -> NatsBus:
         """Create or update the streams and durable consumers (idempotent); returns self."""
         s, lim = self.subjects, self.limits
+        transform = {
+            kind: api.SubjectTransform(*s.partition_transform(kind)) if s.partitioned else None
+            for kind in ("cmd", "obs")
+        }
         streams = [
             api.StreamConfig(
                 name=s.cmd_stream,
@@ -104,6 +108,7 @@ class NatsBus:
                 duplicate_window=lim.duplicate_window,
                 num_replicas=lim.replicas,
                 storage=api.StorageType.FILE,
+                subject_transform=transform["cmd"],
             ),
             api.StreamConfig(
                 name=s.obs_stream,
@@ -112,6 +117,7 @@ class NatsBus:
                 duplicate_window=lim.duplicate_window,
                 num_replicas=lim.replicas,
                 storage=api.StorageType.FILE,
+                subject_transform=transform["obs"],
             ),
             api.StreamConfig(
                 name=s.evt_stream,
@@ -144,14 +150,23 @@ class NatsBus:
                     await self.js.add_stream(config)
                 except nats.js.errors.BadRequestError:
                     await self.js.update_stream(config)
-            consumers = (
-                (s.cmd_stream, s.cmd_consumer),
-                (s.obs_stream, s.obs_consumer),
-                (s.wake_stream, s.wake_consumer),
-            )
-            for stream, durable in consumers:
+            consumers: list[tuple[str, str, str | None]] = [(s.wake_stream, s.wake_consumer, None)]
+            if s.partitioned:
+                consumers.append((s.cmd_stream, s.create_consumer, s.create()))
+                for p in range(s.partitions):
+                    consumers.append(
+                        (s.cmd_stream, s.consumer("cmd", p), s.partition_filter("cmd", p))
+                    )
+                    consumers.append(
+                        (s.obs_stream, s.consumer("obs", p), s.partition_filter("obs", p))
+                    )
+            else:
+                consumers.append((s.cmd_stream, s.cmd_consumer, None))
+                consumers.append((s.obs_stream, s.obs_consumer, None))
+            for stream, durable, subject_filter in consumers:
                 consumer = api.ConsumerConfig(
                     durable_name=durable,
+                    filter_subject=subject_filter,
                     ack_policy=api.AckPolicy.EXPLICIT,
                     deliver_policy=api.DeliverPolicy.ALL,
                     ack_wait=lim.ack_wait,

@@ -36,9 +36,15 @@ class Subjects:
     """The names of one deployment, derived from its prefix."""
 
     prefix: str = "flows"
+    #: >1: commands and observations are split by a hash of the flow id into this many
+    #: partitions (a stream subject transform), each with its own consumer, so replicas can
+    #: own partitions and still apply each flow's commands in order.
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         valid_prefix(self.prefix)
+        if not 1 <= self.partitions <= 1024:
+            raise ValueError("partitions must be from 1 to 1024")
 
     # -- streams and consumers ----------------------------------------------------------------
     @property
@@ -67,6 +73,7 @@ class Subjects:
 
     cmd_consumer: str = "flowd-cmd"
     obs_consumer: str = "flowd-obs"
+    create_consumer: str = "flowd-create"
     wake_consumer: str = "flowd-wake"
     wake_queue: str = "flowd-wake"
     api_queue: str = "flowd-api"
@@ -100,6 +107,33 @@ class Subjects:
     @property
     def api_all(self) -> str:
         return f"{self.prefix}.api.>"
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions > 1
+
+    def consumer(self, kind: str, partition: int) -> str:
+        """The durable consumer of ``kind`` (cmd, obs) for one partition."""
+        base = self.cmd_consumer if kind == "cmd" else self.obs_consumer
+        return f"{base}-{partition}" if self.partitioned else base
+
+    def partition_filter(self, kind: str, partition: int) -> str:
+        """The stored subjects of one partition (after the stream's subject transform)."""
+        return f"{self.prefix}.{kind}.{partition}.>"
+
+    def partition_transform(self, kind: str) -> tuple[str, str]:
+        """(source, destination) of the stream subject transform that adds the partition:
+        the hash of the flow id token, so one flow always lands in one partition."""
+        n = self.partitions
+        if kind == "cmd":
+            return (
+                f"{self.prefix}.cmd.*.*",
+                f"{self.prefix}.cmd.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+            )
+        return (
+            f"{self.prefix}.obs.*",
+            f"{self.prefix}.obs.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}",
+        )
 
     def create(self) -> str:
         return f"{self.prefix}.cmd.create"

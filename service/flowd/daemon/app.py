@@ -24,6 +24,7 @@ from flowd.core import errors
 from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
 from flowd.daemon.health import Metrics, serve_http
+from flowd.daemon.partitions import PartitionOwner
 from flowd.daemon.relay import OutboxRelay
 from flowd.daemon.waits import WaitEngine
 from flowd.manager import FlowManager
@@ -39,10 +40,11 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.subjects = Subjects(settings.prefix)
+        self.subjects = Subjects(settings.prefix, settings.partitions)
         self.metrics = Metrics()
         self.stop = asyncio.Event()
         self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
+        self._database_url = ""
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -67,6 +69,10 @@ class Daemon:
     async def _serve(self, drain: bool) -> int:
         s = self.settings
         database_url, nats_url = await self._urls()
+        self._database_url = database_url
+        if drain and self.subjects.partitioned:
+            log.error("drain_needs_one_partition", partitions=s.partitions)
+            return 2
         store = await self._retry(
             "postgres",
             lambda: PostgresFlowStore.connect(database_url, max_size=s.pool_size, outbox=True),
@@ -152,10 +158,16 @@ class Daemon:
             async with asyncio.TaskGroup() as tasks:
                 relay_task = tasks.create_task(relay.run(relay_stop))
                 tasks.create_task(engine.run(self.stop))
-                consumers = [
-                    tasks.create_task(self._consume(bus, dispatcher, "cmd", drain)),
-                    tasks.create_task(self._consume(bus, dispatcher, "obs", drain)),
-                ]
+                if self.subjects.partitioned:
+                    consumers = [
+                        tasks.create_task(self._consume(bus, dispatcher, "cmd", drain=False)),
+                        tasks.create_task(self._partitions(store, bus, dispatcher)),
+                    ]
+                else:
+                    consumers = [
+                        tasks.create_task(self._consume(bus, dispatcher, "cmd", drain)),
+                        tasks.create_task(self._consume(bus, dispatcher, "obs", drain)),
+                    ]
                 await asyncio.gather(*consumers)
                 self.stop.set()  # --drain ends here too: stop the wait engine
                 relay_stop.set()
@@ -165,14 +177,44 @@ class Daemon:
                 http.close()
                 await http.wait_closed()
 
-    async def _consume(self, bus: NatsBus, dispatcher: Dispatcher, kind: Kind, drain: bool) -> None:
-        durable = self.subjects.cmd_consumer if kind == "cmd" else self.subjects.obs_consumer
+    async def _partitions(self, store: PostgresFlowStore, bus: NatsBus, d: Dispatcher) -> None:
+        async def run(partition: int, release: asyncio.Event) -> None:
+            async with asyncio.TaskGroup() as tasks:
+                for kind in ("cmd", "obs"):
+                    tasks.create_task(
+                        self._consume(bus, d, kind, False, partition=partition, release=release)
+                    )
+
+        await PartitionOwner(self._database_url, self.settings.partitions, run, self.stop).run()
+
+    async def _consume(
+        self,
+        bus: NatsBus,
+        dispatcher: Dispatcher,
+        kind: Kind,
+        drain: bool,
+        *,
+        partition: int | None = None,
+        release: asyncio.Event | None = None,
+    ) -> None:
+        """Fetch-apply-ack one consumer until stopped (or released, or idle with drain).
+        Without ``partition``: the unpartitioned consumer of ``kind`` (with partitions, the
+        consumer of creates that name no flow id)."""
+        s = self.subjects
+        if partition is not None:
+            durable = s.consumer(kind, partition)
+        elif s.partitioned:
+            durable = s.create_consumer
+        else:
+            durable = s.consumer(kind, 0)
         await self._await_redeliveries(bus, durable)
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not (release is not None and release.is_set()):
             try:
                 msgs = await bus.fetch(durable, self.settings.batch, wait=0.5)
                 if msgs:
-                    await dispatcher.handle_batch(kind, msgs)
+                    await dispatcher.handle_batch(
+                        kind, msgs, partitioned=partition is not None, abort=release
+                    )
                 elif drain and await bus.pending(durable) == (0, 0):
                     return
             except BusUnavailable as exc:

@@ -103,10 +103,20 @@ class Dispatcher:
         self._stopping = stopping
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def handle_batch(self, kind: Kind, msgs: list[Message]) -> None:
-        """Apply ``msgs``: per flow in order, across flows concurrently."""
+    async def handle_batch(
+        self,
+        kind: Kind,
+        msgs: list[Message],
+        *,
+        partitioned: bool = False,
+        abort: asyncio.Event | None = None,
+    ) -> None:
+        """Apply ``msgs``: per flow in order, across flows concurrently. ``partitioned``:
+        the stored subjects carry a partition token after ``cmd``/``obs``. ``abort``: set
+        when this process lost the partition; unfinished messages are handed back."""
         lanes: dict[str, list[tuple[Message, codec.Decoded | Exception]]] = {}
         prefix_len = len(self.bus.subjects.prefix) + 1 + len(kind) + 1
+        skip = 1 if partitioned else 0
         for msg in msgs:
             meta = msg.metadata
             fallback = f"{meta.stream}:{meta.sequence.stream}"
@@ -114,7 +124,7 @@ class Dispatcher:
             try:
                 ok = codec.decode(
                     kind,
-                    msg.subject[prefix_len:].split("."),
+                    msg.subject[prefix_len:].split(".")[skip:],
                     msg.headers,
                     msg.data,
                     fallback_id=fallback,
@@ -126,27 +136,37 @@ class Dispatcher:
             except codec.Undecodable as exc:
                 decoded, key = exc, fallback
             lanes.setdefault(key, []).append((msg, decoded))
-        await asyncio.gather(*(self._lane(kind, lane) for lane in lanes.values()))
+        stop = _any_event(self._stopping, abort)
+        await asyncio.gather(*(self._lane(kind, lane, stop) for lane in lanes.values()))
         self._wake_relay()
 
     async def _lane(
-        self, kind: Kind, lane: list[tuple[Message, codec.Decoded | Exception]]
+        self,
+        kind: Kind,
+        lane: list[tuple[Message, codec.Decoded | Exception]],
+        stop: Callable[[], bool],
     ) -> None:
         async with self._slots:
             for i, (msg, decoded) in enumerate(lane):
-                if self._stopping.is_set() and isinstance(decoded, codec.Decoded):
+                if stop() and isinstance(decoded, codec.Decoded):
                     # Shutting down mid-lane: hand the rest back, in order, untouched.
                     for rest, _ in lane[i:]:
                         await _settle(rest.nak())
                     return
-                if not await self._handle(kind, msg, decoded):
+                if not await self._handle(kind, msg, decoded, stop):
                     # This message goes back for redelivery; so must every later message
                     # of its flow, or they would overtake it.
                     for rest, _ in lane[i + 1 :]:
                         await _settle(rest.nak(delay=1))
                     return
 
-    async def _handle(self, kind: Kind, msg: Message, decoded: codec.Decoded | Exception) -> bool:
+    async def _handle(
+        self,
+        kind: Kind,
+        msg: Message,
+        decoded: codec.Decoded | Exception,
+        stop: Callable[[], bool],
+    ) -> bool:
         """Settle one message; False if it was handed back for redelivery."""
         started = time.perf_counter()
         delivered = msg.metadata.num_delivered
@@ -166,6 +186,7 @@ class Dispatcher:
             done = await self._with_store(
                 msg,
                 bound,
+                stop,
                 lambda: self.manager.record_rejection(
                     decoded.command_id, decoded.flow_id, decoded.token, decoded.error
                 ),
@@ -175,7 +196,7 @@ class Dispatcher:
                 await _settle(msg.ack())
             return done
         assert isinstance(decoded, codec.Decoded)
-        return await self._apply(kind, msg, decoded, bound, started)
+        return await self._apply(kind, msg, decoded, bound, started, stop)
 
     async def _apply(
         self,
@@ -184,6 +205,7 @@ class Dispatcher:
         cmd: codec.Decoded,
         bound: Any,
         started: float,
+        stop: Callable[[], bool],
     ) -> bool:
         outcome: list[str] = []
 
@@ -205,7 +227,7 @@ class Dispatcher:
                 self._count_rejection(exc.code, bound, exc.message, verb=cmd.verb)
 
         try:
-            done = await self._with_store(msg, bound, attempt)
+            done = await self._with_store(msg, bound, stop, attempt)
         except errors.DuplicateCommand:  # the rejection raced a duplicate: same thing
             done, outcome[:] = True, ["duplicate"]
         except Exception:
@@ -226,7 +248,9 @@ class Dispatcher:
         self.metrics.observe("command_seconds", time.perf_counter() - started)
         return True
 
-    async def _with_store(self, msg: Message, bound: Any, call: Callable[[], Any]) -> bool:
+    async def _with_store(
+        self, msg: Message, bound: Any, stop: Callable[[], bool], call: Callable[[], Any]
+    ) -> bool:
         """Run ``call`` until PostgreSQL answers; False if we stopped before it did."""
         delay = 0.05
         while True:
@@ -236,7 +260,7 @@ class Dispatcher:
             except errors.StoreUnavailable as exc:
                 self.metrics.inc("store_unavailable_total")
                 bound.warning("store_unavailable", error=str(exc), retry_in=delay)
-                if self._stopping.is_set():
+                if stop():
                     await _settle(msg.nak(delay=1))
                     return False
                 await _settle(msg.in_progress())
@@ -263,6 +287,10 @@ class Dispatcher:
     def _count_rejection(self, code: str, bound: Any, message: str, verb: str = "") -> None:
         self.metrics.inc("commands_rejected_total", code=code)
         bound.info("command_rejected", code=code, message=message, verb=verb or None)
+
+
+def _any_event(*events: asyncio.Event | None) -> Callable[[], bool]:
+    return lambda: any(e.is_set() for e in events if e is not None)
 
 
 async def _settle(ack: Any) -> None:

@@ -7,6 +7,8 @@ conflicts become ``StoreUnavailable``; nothing above this module sees an asyncpg
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -156,6 +158,20 @@ SELECT_WAITING_ON: Final = """
 SELECT DISTINCT flow_id FROM wait_conditions WHERE subject = $1 AND correlation_id = $2"""
 SELECT_WAIT_SUBJECTS: Final = """
 SELECT DISTINCT subject FROM wait_conditions WHERE subject IS NOT NULL ORDER BY subject"""
+
+# -- partition ownership (several replicas) -----------------------------------------------
+# Session advisory locks on a dedicated connection: they vanish with the connection, so a
+# dead replica's partitions are free again at once. (class, key) pairs keep them apart from
+# the migration and outbox locks.
+MEMBER_LOCK_CLASS: Final = 0x666C6F01
+PARTITION_LOCK_CLASS: Final = 0x666C6F02
+TRY_LOCK_PAIR: Final = "SELECT pg_try_advisory_lock($1::int, $2::int)"
+UNLOCK_PAIR: Final = "SELECT pg_advisory_unlock($1::int, $2::int)"
+JOIN_MEMBERS: Final = "SELECT pg_try_advisory_lock($1::int, pg_backend_pid())"
+COUNT_MEMBERS: Final = """
+SELECT count(DISTINCT pid) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = $1::bigint::oid
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 PING: Final = "SELECT 1"
 PRUNE: Final = """
@@ -545,3 +561,42 @@ def _step(row: Mapping[str, Any]) -> FlowStep:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+class PartitionLeases:
+    """Which partitions this process owns, as PostgreSQL session advisory locks held on one
+    dedicated connection. ``lost`` is set when that connection dies: every lease is then
+    gone and the owner must stop applying its partitions' messages."""
+
+    def __init__(self, conn: asyncpg.Connection[Any]) -> None:
+        self._conn = conn
+        self.lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: self.lost.set())
+
+    @classmethod
+    async def open(cls, dsn: str) -> PartitionLeases:
+        """Connect and join the members (counted by ``members``)."""
+        async with _translated():
+            conn = await asyncpg.connect(dsn)
+            leases = cls(conn)
+            await conn.fetchval(JOIN_MEMBERS, MEMBER_LOCK_CLASS)
+        return leases
+
+    async def members(self) -> int:
+        """How many processes hold leases on this database now (this one included)."""
+        async with _translated():
+            count: int = await self._conn.fetchval(COUNT_MEMBERS, MEMBER_LOCK_CLASS)
+        return max(count, 1)
+
+    async def try_acquire(self, partition: int) -> bool:
+        async with _translated():
+            got: bool = await self._conn.fetchval(TRY_LOCK_PAIR, PARTITION_LOCK_CLASS, partition)
+        return got
+
+    async def release(self, partition: int) -> None:
+        async with _translated():
+            await self._conn.fetchval(UNLOCK_PAIR, PARTITION_LOCK_CLASS, partition)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()

@@ -244,9 +244,14 @@ class EmbeddedPostgres(_Server):
 class EmbeddedNats(_Server):
     """A nats-server with JetStream storing under ``data_dir``, on TCP 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, cluster: list[str] | None = None
+    ) -> None:
+        """``cluster``: extra nats-server arguments making this node part of a cluster
+        (see ``nats_cluster``)."""
         self.data_dir = Path(data_dir).absolute()
         self.port = port
+        self.cluster = cluster or []
         self.log_path = self.data_dir / "nats-server.log"
 
     @property
@@ -266,7 +271,7 @@ class EmbeddedNats(_Server):
             return self.url
         self.port = self.port or _free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [self.binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        cmd = [self.binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", *self.cluster]
         proc = self._spawn(
             [*cmd, "-sd", str(self.data_dir)], self.log_path
         )  # -> data_dir/jetstream
@@ -283,3 +288,25 @@ class EmbeddedNats(_Server):
                 time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"nats-server failed to start; log tail:\n{_tail(self.log_path)}")
+
+
+def nats_cluster(data_dir: Path, size: int = 3, name: str = "flowd") -> list[EmbeddedNats]:
+    """``size`` nats-server nodes on loopback forming one JetStream cluster (not started)."""
+    ports = [_free_port() for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    return [
+        EmbeddedNats(
+            Path(data_dir) / f"n{i}",
+            cluster=[
+                "--server_name",
+                f"n{i}",
+                "--cluster_name",
+                name,
+                "--cluster",
+                f"nats://127.0.0.1:{port}",
+                "--routes",
+                routes,
+            ],
+        )
+        for i, port in enumerate(ports)
+    ]

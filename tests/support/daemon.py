@@ -20,6 +20,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from flowd.bus.subjects import Subjects
 
@@ -147,7 +148,9 @@ class Wire:
         if total == 0:
             return []
         sub = await self.js.pull_subscribe(
-            subject if subject != ">" else f"{self.s.prefix}.>", stream=stream
+            subject if subject != ">" else f"{self.s.prefix}.>",
+            stream=stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE),  # no max_ack_pending cap
         )
         out: list[Msg] = []
         try:

@@ -162,9 +162,11 @@ class FlowClient:
         request_timeout: float = 10.0,
         **nats_options: Any,
     ) -> FlowClient:
-        """Connect to NATS at ``url``; ``nats_options`` go to ``nats.connect``."""
+        """Connect to NATS at ``url`` (several servers: comma-separated); ``nats_options`` go
+        to ``nats.connect`` (e.g. ``user_credentials``, ``tls``)."""
+        servers = [u.strip() for u in url.split(",") if u.strip()]
         try:
-            nc = await nats.connect(url, **nats_options)
+            nc = await nats.connect(servers, **nats_options)
         except (OSError, nats.errors.Error) as exc:
             raise FlowdUnavailable(f"cannot connect to NATS at {url}: {exc}") from None
         client = cls(nc, prefix=prefix, request_timeout=request_timeout)

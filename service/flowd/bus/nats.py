@@ -88,6 +88,7 @@ class NatsBus:
         self.subjects = subjects
         self.limits = limits
         self._subs: dict[str, Any] = {}
+        self._streams: dict[str, str] = {}
 
     @property
     def connected(self) -> bool:
@@ -178,6 +179,7 @@ class NatsBus:
                 self._subs[durable] = await self.js.pull_subscribe_bind(
                     durable=durable, stream=stream
                 )
+                self._streams[durable] = stream
         return self
 
     async def fetch(self, durable: str, batch: int, wait: float) -> list[Msg]:
@@ -193,7 +195,7 @@ class NatsBus:
     async def pending(self, durable: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a consumer."""
         async with self._translated():
-            info = await self._subs[durable].consumer_info()
+            info = await self.js.consumer_info(self._streams[durable], durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
     async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:

@@ -235,7 +235,12 @@ def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument(
         "--nats-url",
         default=default(os.environ.get("NATS_URL", "nats://127.0.0.1:4222")),
-        help="NATS server URL (env NATS_URL; default nats://127.0.0.1:4222)",
+        help="NATS server URL(s), comma-separated (env NATS_URL; default nats://127.0.0.1:4222)",
+    )
+    g.add_argument(
+        "--creds",
+        default=default(os.environ.get("NATS_CREDS") or None),
+        help="NATS credentials file (env NATS_CREDS)",
     )
     g.add_argument(
         "--prefix",
@@ -393,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"error_cb": _quiet}
+    if args.creds:
+        options["user_credentials"] = args.creds
     connecting = FlowClient.connect(
-        args.nats_url, prefix=args.prefix, request_timeout=args.timeout, error_cb=_quiet
+        args.nats_url, prefix=args.prefix, request_timeout=args.timeout, **options
     )
     try:
         client = await asyncio.wait_for(connecting, args.timeout)

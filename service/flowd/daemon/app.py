@@ -45,6 +45,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
         self._database_url = ""
+        self._ready: Callable[[], Awaitable[str | None]] | None = None
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -67,6 +68,23 @@ class Daemon:
         self.stop.set()
 
     async def _serve(self, drain: bool) -> int:
+        """HTTP endpoints first (liveness answers while dependencies are awaited), then
+        the daemon proper."""
+        s = self.settings
+        http = None
+        if s.http_port:
+            http = await serve_http(s.http_host, s.http_port, self.metrics, self._readiness)
+        try:
+            return await self._serve_daemon(drain)
+        finally:
+            if http is not None:
+                http.close()
+                await http.wait_closed()
+
+    async def _readiness(self) -> str | None:
+        return await self._ready() if self._ready is not None else "starting"
+
+    async def _serve_daemon(self, drain: bool) -> int:
         s = self.settings
         database_url, nats_url = await self._urls()
         self._database_url = database_url
@@ -140,17 +158,13 @@ class Daemon:
             return None if bus.connected else "nats: disconnected"
 
         m.gauges["outbox_backlog"] = lambda: _float(store.outbox_backlog())
-        m.gauges["commands_pending"] = lambda: _float(
-            _first(bus.pending(self.subjects.cmd_consumer))
-        )
-        m.gauges["observations_pending"] = lambda: _float(
-            _first(bus.pending(self.subjects.obs_consumer))
-        )
-        http = await serve_http(s.http_host, s.http_port, m, ready) if s.http_port else None
+        m.gauges["commands_pending"] = lambda: self._lag(bus, "cmd")
+        m.gauges["observations_pending"] = lambda: self._lag(bus, "obs")
+        self._ready = ready
         log.info(
             "serving",
             prefix=s.prefix,
-            http=f"http://{s.http_host}:{s.http_port}" if http else None,
+            http=f"http://{s.http_host}:{s.http_port}" if s.http_port else None,
             concurrency=s.concurrency,
         )
         relay_stop = asyncio.Event()
@@ -173,9 +187,15 @@ class Daemon:
                 relay_stop.set()
                 await relay_task
         finally:
-            if http is not None:
-                http.close()
-                await http.wait_closed()
+            self._ready = None
+
+    async def _lag(self, bus: NatsBus, kind: str) -> float:
+        """Messages not yet delivered, over every consumer of ``kind``."""
+        s = self.subjects
+        total = 0
+        for p in range(s.partitions):
+            total += (await bus.pending(s.consumer(kind, p)))[0]
+        return float(total)
 
     async def _partitions(self, store: PostgresFlowStore, bus: NatsBus, d: Dispatcher) -> None:
         async def run(partition: int, release: asyncio.Event) -> None:
@@ -286,10 +306,6 @@ class Daemon:
 def _write_env(path: Path, nats_url: str, database_url: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"NATS_URL={nats_url}\nDATABASE_URL={database_url}\n")
-
-
-async def _first(pending: Awaitable[tuple[int, int]]) -> int:
-    return (await pending)[0]
 
 
 async def _float(value: Awaitable[Any]) -> float:

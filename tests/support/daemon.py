@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -142,24 +144,34 @@ class Wire:
         return json.loads(reply.data)
 
     async def stream_msgs(self, stream: str, subject: str = ">") -> list[Msg]:
-        """Every message currently in ``stream`` on ``subject`` (an ephemeral consumer)."""
-        info = await self.js.stream_info(stream)
-        total = info.state.messages
-        if total == 0:
+        """Every message currently in ``stream`` on ``subject`` (an ephemeral consumer).
+        A cluster that just lost a node may answer 503 for a moment: read again."""
+        for attempt in range(10):
+            try:
+                return await self._read_stream(stream, subject)
+            except nats.js.errors.Error:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _read_stream(self, stream: str, subject: str) -> list[Msg]:
+        subject = subject if subject != ">" else f"{self.s.prefix}.>"
+        info = await self.js.stream_info(stream, subjects_filter=subject)
+        expected = sum((info.state.subjects or {}).values())
+        if expected == 0:
             return []
         sub = await self.js.pull_subscribe(
-            subject if subject != ">" else f"{self.s.prefix}.>",
+            subject,
             stream=stream,
             config=ConsumerConfig(ack_policy=AckPolicy.NONE),  # no max_ack_pending cap
         )
         out: list[Msg] = []
+        deadline = time.monotonic() + 30
         try:
-            while True:
-                try:
-                    batch = await sub.fetch(256, timeout=1)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    break
-                out.extend(batch)
+            while len(out) < expected and time.monotonic() < deadline:
+                with suppress(TimeoutError, nats.errors.TimeoutError):
+                    out.extend(await sub.fetch(min(256, expected - len(out)), timeout=1))
         finally:
             await sub.unsubscribe()
         return out

@@ -69,6 +69,62 @@ UPDATE flows SET status = $3, current_step = $4, state_json = $5, wait_json = $6
     cancel_requested_at = $7, revision = $8, updated_at = $9
 WHERE id = $1 AND revision = $2"""
 SELECT_REVISION: Final = "SELECT revision FROM flows WHERE id = $1"
+# The common change (one flow row, its events, its outbox rows, its command id, maybe the
+# end of a wait) as ONE statement: one round trip and one implicit transaction instead of
+# six. Every part hangs off the row the UPDATE returned, so a lost compare-and-set or an
+# already processed command id writes nothing at all. The trailing SELECT reads the
+# statement's snapshot: the revision before the change, and whether the id was known.
+COMMIT_UPDATE: Final = """
+WITH upd AS (
+    UPDATE flows SET status = $4, current_step = $5, state_json = $6, wait_json = $7,
+        cancel_requested_at = $8, revision = $9, updated_at = $10
+    WHERE id = $1 AND revision = $2
+      AND ($3::text IS NULL
+           OR NOT EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3))
+    RETURNING id
+), claim AS (
+    INSERT INTO processed_commands (command_id, flow_id, outcome)
+    SELECT $3, upd.id, $11 FROM upd WHERE $3::text IS NOT NULL
+), ev AS (
+    INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
+    SELECT e.* FROM unnest($12::uuid[], $13::uuid[], $14::bigint[], $15::text[],
+                           $16::jsonb[], $17::timestamptz[]) AS e, upd
+), ob AS (
+    INSERT INTO outbox (topic, msg_id, command_id, body)
+    SELECT o.* FROM unnest($18::text[], $19::text[], $20::text[], $21::jsonb[]) AS o, upd
+), wc AS (
+    DELETE FROM wait_conditions WHERE flow_id = $1 AND $22::bool
+        AND EXISTS (SELECT 1 FROM upd)
+)
+SELECT (SELECT count(*) FROM upd) AS written,
+       (SELECT revision FROM flows WHERE id = $1) AS seen,
+       ($3::text IS NOT NULL
+        AND EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3)) AS duplicate"""
+COMMIT_INSERT: Final = """
+WITH ins AS (
+    INSERT INTO flows (id, controller_id, goal, owner_session_key, requester_origin,
+                       sync_mode, status, current_step, state_json, wait_json,
+                       cancel_requested_at, revision, created_at, updated_at)
+    SELECT $1, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16
+    WHERE $3::text IS NULL
+       OR NOT EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), claim AS (
+    INSERT INTO processed_commands (command_id, flow_id, outcome)
+    SELECT $3, ins.id, $2 FROM ins WHERE $3::text IS NOT NULL
+), ev AS (
+    INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
+    SELECT e.* FROM unnest($17::uuid[], $18::uuid[], $19::bigint[], $20::text[],
+                           $21::jsonb[], $22::timestamptz[]) AS e, ins
+), ob AS (
+    INSERT INTO outbox (topic, msg_id, command_id, body)
+    SELECT o.* FROM unnest($23::text[], $24::text[], $25::text[], $26::jsonb[]) AS o, ins
+)
+SELECT (SELECT count(*) FROM ins) AS written,
+       (SELECT revision FROM flows WHERE id = $1) AS seen,
+       ($3::text IS NOT NULL
+        AND EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3)) AS duplicate"""
 INSERT_EVENTS: Final = """
 INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::jsonb[],
@@ -184,6 +240,13 @@ async def _init_connection(conn: _Conn) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """Pool release hook: flowd sets no session state and holds no session locks on pool
+    connections (advisory locks here are transaction-scoped, the migration lock is released
+    explicitly), so the default reset query is a round trip per release for nothing."""
+    return None
+
+
 @asynccontextmanager
 async def _translated() -> AsyncIterator[None]:
     """Map driver failures to flowd errors, most specific first."""
@@ -201,6 +264,18 @@ async def _translated() -> AsyncIterator[None]:
         TimeoutError,
     ) as exc:
         raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
+@asynccontextmanager
+async def _duplicate_on_conflict(command_id: str | None) -> AsyncIterator[None]:
+    """Two statements claiming one command id at once: the loser's whole statement is
+    rolled back by the unique violation; it is a duplicate (its outcome: the winner's)."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if command_id is None or exc.constraint_name != "processed_commands_pkey":
+            raise
+        raise errors.DuplicateCommand(command_id, None) from exc
 
 
 class _PublishFailed(Exception):
@@ -232,7 +307,11 @@ class PostgresFlowStore:
         With ``outbox`` every change also queues its event messages (the daemon's mode)."""
         async with _translated():
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, init=_init_connection
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                reset=_keep_session,
             )
         store = cls(pool, outbox=outbox)
         if run_migrations:
@@ -289,6 +368,94 @@ class PostgresFlowStore:
         return None if row is None else _step(row)
 
     async def commit(self, change: Change, *, command_id: str | None = None) -> None:
+        if change.step is None and change.signal is None and change.consumed_signal is None:
+            if change.expected_revision is None:
+                await self._commit_insert(change, command_id)
+                return
+            if not change.conditions:  # None (untouched) or () (cleared)
+                await self._commit_update(change, command_id)
+                return
+        await self._commit_tx(change, command_id)
+
+    def _event_and_outbox_args(self, change: Change, command_id: str | None) -> list[Any]:
+        ev = change.events
+        msgs = change_messages(change, command_id) if self._outbox else []
+        return [
+            [e.id for e in ev],
+            [e.flow_id for e in ev],
+            [e.revision for e in ev],
+            [e.kind for e in ev],
+            [e.payload for e in ev],
+            [e.at for e in ev],
+            [m.topic for m in msgs],
+            [m.msg_id for m in msgs],
+            [m.command_id for m in msgs],
+            [m.body for m in msgs],
+        ]
+
+    async def _commit_update(self, change: Change, command_id: str | None) -> None:
+        f, expected = change.flow, change.expected_revision
+        assert expected is not None
+        async with _translated(), _duplicate_on_conflict(command_id):
+            row = await self._pool.fetchrow(
+                COMMIT_UPDATE,
+                f.id,
+                expected,
+                command_id,
+                f.status.value,
+                f.current_step,
+                f.state_json,
+                f.wait_json,
+                f.cancel_requested_at,
+                f.revision,
+                f.updated_at,
+                applied_outcome(change),
+                *self._event_and_outbox_args(change, command_id),
+                change.conditions == (),
+            )
+        assert row is not None
+        if row["written"]:
+            return
+        if row["duplicate"]:
+            assert command_id is not None
+            raise errors.DuplicateCommand(command_id, await self.get_outcome(command_id))
+        if row["seen"] is None:
+            raise errors.FlowNotFound(f.id)
+        raise errors.RevisionMismatch(f.id, expected, row["seen"])
+
+    async def _commit_insert(self, change: Change, command_id: str | None) -> None:
+        f = change.flow
+        async with _translated(), _duplicate_on_conflict(command_id):
+            row = await self._pool.fetchrow(
+                COMMIT_INSERT,
+                f.id,
+                applied_outcome(change),
+                command_id,
+                f.controller_id,
+                f.goal,
+                f.owner_session_key,
+                f.requester_origin,
+                f.sync_mode.value,
+                f.status.value,
+                f.current_step,
+                f.state_json,
+                f.wait_json,
+                f.cancel_requested_at,
+                f.revision,
+                f.created_at,
+                f.updated_at,
+                *self._event_and_outbox_args(change, command_id),
+            )
+        assert row is not None
+        if row["written"]:
+            return
+        if row["duplicate"]:
+            assert command_id is not None
+            raise errors.DuplicateCommand(command_id, await self.get_outcome(command_id))
+        raise errors.FlowExists(f.id)
+
+    async def _commit_tx(self, change: Change, command_id: str | None) -> None:
+        """The general path: several statements in one explicit transaction."""
         f = change.flow
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
             if command_id is not None:

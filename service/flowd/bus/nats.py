@@ -101,49 +101,44 @@ class NatsBus:
             kind: api.SubjectTransform(*s.partition_transform(kind)) if s.partitioned else None
             for kind in ("cmd", "obs")
         }
+
+        def config_of(
+            name: str, subjects: list[str], max_age: float, **extra: Any
+        ) -> api.StreamConfig:
+            return api.StreamConfig(
+                name=name,
+                subjects=subjects,
+                max_age=max_age,
+                num_replicas=lim.replicas,
+                storage=api.StorageType.FILE,
+                **extra,
+            )
+
+        dedup = {"duplicate_window": lim.duplicate_window}
         streams = [
-            api.StreamConfig(
-                name=s.cmd_stream,
-                subjects=[s.cmd_all],
-                max_age=lim.commands_max_age,
-                duplicate_window=lim.duplicate_window,
-                num_replicas=lim.replicas,
-                storage=api.StorageType.FILE,
+            config_of(
+                s.cmd_stream,
+                [s.cmd_all],
+                lim.commands_max_age,
                 subject_transform=transform["cmd"],
+                **dedup,
             ),
-            api.StreamConfig(
-                name=s.obs_stream,
-                subjects=[s.obs_all],
-                max_age=lim.commands_max_age,
-                duplicate_window=lim.duplicate_window,
-                num_replicas=lim.replicas,
-                storage=api.StorageType.FILE,
+            config_of(
+                s.obs_stream,
+                [s.obs_all],
+                lim.commands_max_age,
                 subject_transform=transform["obs"],
+                **dedup,
             ),
-            api.StreamConfig(
-                name=s.evt_stream,
-                subjects=[s.evt_all, s.out_all],
-                max_age=lim.events_max_age,
+            config_of(
+                s.evt_stream,
+                [s.evt_all, s.out_all],
+                lim.events_max_age,
                 max_bytes=lim.events_max_bytes,
-                duplicate_window=lim.duplicate_window,
-                num_replicas=lim.replicas,
-                storage=api.StorageType.FILE,
+                **dedup,
             ),
-            api.StreamConfig(
-                name=s.wake_stream,
-                subjects=[s.wake_all],
-                max_age=lim.commands_max_age,
-                duplicate_window=lim.duplicate_window,
-                num_replicas=lim.replicas,
-                storage=api.StorageType.FILE,
-            ),
-            api.StreamConfig(
-                name=s.dlq_stream,
-                subjects=[s.dlq_all],
-                max_age=lim.dlq_max_age,
-                num_replicas=lim.replicas,
-                storage=api.StorageType.FILE,
-            ),
+            config_of(s.wake_stream, [s.wake_all], lim.commands_max_age, **dedup),
+            config_of(s.dlq_stream, [s.dlq_all], lim.dlq_max_age),
         ]
         async with self._translated():
             for config in streams:

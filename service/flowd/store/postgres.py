@@ -59,11 +59,6 @@ SELECT_FLOW: Final = """
 SELECT id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
        current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at
 FROM flows WHERE id = $1"""
-INSERT_FLOW: Final = """
-INSERT INTO flows (id, controller_id, goal, owner_session_key, requester_origin, sync_mode, status,
-       current_step, state_json, wait_json, cancel_requested_at, revision, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (id) DO NOTHING"""
 UPDATE_FLOW: Final = """
 UPDATE flows SET status = $3, current_step = $4, state_json = $5, wait_json = $6,
     cancel_requested_at = $7, revision = $8, updated_at = $9
@@ -413,12 +408,9 @@ class PostgresFlowStore:
                 *self._event_and_outbox_args(change, command_id),
                 change.conditions == (),
             )
-        assert row is not None
-        if row["written"]:
+        if await self._written(row, command_id):
             return
-        if row["duplicate"]:
-            assert command_id is not None
-            raise errors.DuplicateCommand(command_id, await self.get_outcome(command_id))
+        assert row is not None
         if row["seen"] is None:
             raise errors.FlowNotFound(f.id)
         raise errors.RevisionMismatch(f.id, expected, row["seen"])
@@ -446,13 +438,18 @@ class PostgresFlowStore:
                 f.updated_at,
                 *self._event_and_outbox_args(change, command_id),
             )
+        if not await self._written(row, command_id):
+            raise errors.FlowExists(f.id)
+
+    async def _written(self, row: Mapping[str, Any] | None, command_id: str | None) -> bool:
+        """Whether a one-statement commit wrote; raises DuplicateCommand for a known id."""
         assert row is not None
         if row["written"]:
-            return
+            return True
         if row["duplicate"]:
             assert command_id is not None
             raise errors.DuplicateCommand(command_id, await self.get_outcome(command_id))
-        raise errors.FlowExists(f.id)
+        return False
 
     async def _commit_tx(self, change: Change, command_id: str | None) -> None:
         """The general path: several statements in one explicit transaction."""
@@ -460,44 +457,24 @@ class PostgresFlowStore:
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
             if command_id is not None:
                 await self._claim(conn, command_id, f.id, applied_outcome(change))
-            if change.expected_revision is None:
-                status = await conn.execute(
-                    INSERT_FLOW,
-                    f.id,
-                    f.controller_id,
-                    f.goal,
-                    f.owner_session_key,
-                    f.requester_origin,
-                    f.sync_mode.value,
-                    f.status.value,
-                    f.current_step,
-                    f.state_json,
-                    f.wait_json,
-                    f.cancel_requested_at,
-                    f.revision,
-                    f.created_at,
-                    f.updated_at,
-                )
-                if status == "INSERT 0 0":
-                    raise errors.FlowExists(f.id)
-            else:
-                status = await conn.execute(
-                    UPDATE_FLOW,
-                    f.id,
-                    change.expected_revision,
-                    f.status.value,
-                    f.current_step,
-                    f.state_json,
-                    f.wait_json,
-                    f.cancel_requested_at,
-                    f.revision,
-                    f.updated_at,
-                )
-                if status == "UPDATE 0":
-                    actual = await conn.fetchval(SELECT_REVISION, f.id)
-                    if actual is None:
-                        raise errors.FlowNotFound(f.id)
-                    raise errors.RevisionMismatch(f.id, change.expected_revision, actual)
+            assert change.expected_revision is not None  # creates take _commit_insert
+            status = await conn.execute(
+                UPDATE_FLOW,
+                f.id,
+                change.expected_revision,
+                f.status.value,
+                f.current_step,
+                f.state_json,
+                f.wait_json,
+                f.cancel_requested_at,
+                f.revision,
+                f.updated_at,
+            )
+            if status == "UPDATE 0":
+                actual = await conn.fetchval(SELECT_REVISION, f.id)
+                if actual is None:
+                    raise errors.FlowNotFound(f.id)
+                raise errors.RevisionMismatch(f.id, change.expected_revision, actual)
             ev = change.events
             await conn.execute(
                 INSERT_EVENTS,

@@ -215,8 +215,8 @@ def test_deployment_probes_resources_and_security() -> None:
     assert probe("livenessProbe") == ("/healthz", HTTP_PORT)
     assert probe("startupProbe") == ("/healthz", HTTP_PORT)
     assert container["resources"] == {
-        "requests": {"memory": "160Mi", "cpu": "250m"},
-        "limits": {"memory": "256Mi"},
+        "requests": {"memory": "96Mi", "cpu": "250m"},
+        "limits": {"memory": "192Mi"},
     }
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

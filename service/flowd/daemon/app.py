@@ -131,7 +131,9 @@ class Daemon:
         s, m = self.settings, self.metrics
         manager = FlowManager(store)
         relay = OutboxRelay(store, bus, m, interval=s.relay_interval)
-        engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
+        engine = WaitEngine(
+            manager, bus, m, tick=s.wait_tick, batch=s.wait_batch, committed=relay.wake
+        )
 
         def committed() -> None:
             relay.wake()

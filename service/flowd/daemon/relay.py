@@ -53,6 +53,8 @@ class OutboxRelay:
         total = 0
         while n := await self.store.drain_outbox(self._publish, limit=self.batch):
             total += n
+            if n < self.batch:  # a short batch emptied it: no extra empty transaction
+                break
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

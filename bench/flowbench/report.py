@@ -35,7 +35,7 @@ def replicas(sc: dict[str, Any], chart: Path | None, md: Path) -> str:
             "PostgreSQL; every command published at once (create on `P.cmd.<id>.create`, then "
             "start, update, finish). Everything shares this machine's 2 cores, so more replicas "
             "add coordination, not hardware: this shows the cost of partitioned scale-out, not "
-            "its gain on separate machines.",
+            "its gain on separate machines." + _separately(r.get("measured_at")),
             "",
             table(
                 ["replicas", "flows", "commands", "seconds", "commands/s"],
@@ -45,6 +45,18 @@ def replicas(sc: dict[str, Any], chart: Path | None, md: Path) -> str:
                 ],
             ),
         ]
+    )
+
+
+def _separately(at: dict[str, Any] | None) -> str:
+    """A note for a section measured in another run than the header's and merged in."""
+    if not at:
+        return ""
+    git = at.get("git") or {}
+    dirty = " + uncommitted changes" if git.get("uncommitted_code_files") else ""
+    return (
+        f" Measured in a separate run: `{at.get('command')}` at {at.get('date')}, git "
+        f"`{git.get('describe', '?')}`{dirty}."
     )
 
 

@@ -156,25 +156,27 @@ class Wire:
         raise AssertionError("unreachable")
 
     async def _read_stream(self, stream: str, subject: str) -> list[Msg]:
-        subject = subject if subject != ">" else f"{self.s.prefix}.>"
-        info = await self.js.stream_info(stream, subjects_filter=subject)
-        expected = sum((info.state.subjects or {}).values())
+        # Read the whole stream (its message count is exact; per-subject counts of a stream
+        # with thousands of subjects are not) and keep the subjects asked for.
+        info = await self.js.stream_info(stream)
+        expected = info.state.messages
         if expected == 0:
             return []
         sub = await self.js.pull_subscribe(
-            subject,
+            f"{self.s.prefix}.>",
             stream=stream,
             config=ConsumerConfig(ack_policy=AckPolicy.NONE),  # no max_ack_pending cap
         )
         out: list[Msg] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         try:
             while len(out) < expected and time.monotonic() < deadline:
                 with suppress(TimeoutError, nats.errors.TimeoutError):
                     out.extend(await sub.fetch(min(256, expected - len(out)), timeout=1))
         finally:
             await sub.unsubscribe()
-        return out
+        head = subject.removesuffix(">")
+        return [m for m in out if subject == ">" or m.subject.startswith(head)]
 
     async def events(self) -> list[dict[str, Any]]:
         msgs = await self.stream_msgs(self.s.evt_stream, self.s.evt_all)

@@ -53,7 +53,11 @@ async def drive(w: Wire, managed: list[str], mirrored: list[str]) -> None:
         await publish(w, s.command(fid, "update"), {"patch": {"done": 1}})
     for fid in managed:
         await publish(w, s.command(fid, "finish"), {})
-    for fid in mirrored:  # observations follow the creates published long before
+    # Observations travel in their own stream and may overtake a create that is still
+    # waiting (e.g. for a killed replica's redeliveries); like a real client, wait until
+    # the flows exist (subjects.md, "Step observations").
+    await w.wait_for(lambda: _at_least(w, MANAGED * 4 + MIRRORED * 2), seconds=240, every=0.2)
+    for fid in mirrored:
         await publish(w, s.observation(fid), {"run_id": "r1", "task": "t", "status": "running"})
         await publish(w, s.observation(fid), {"run_id": "r1", "task": "t", "status": "succeeded"})
 

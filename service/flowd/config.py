@@ -26,6 +26,7 @@ ENV: dict[str, str] = {
     "batch": "FLOWD_BATCH",
     "concurrency": "FLOWD_CONCURRENCY",
     "pool_size": "FLOWD_POOL_SIZE",
+    "flow_cache": "FLOWD_FLOW_CACHE",
     "max_payload": "FLOWD_MAX_PAYLOAD",
     "ack_wait": "FLOWD_ACK_WAIT",
     "max_deliver": "FLOWD_MAX_DELIVER",
@@ -63,9 +64,12 @@ class Settings(BaseModel):
     data_dir: Path = Field(Path(".flowd"), description="where embedded servers keep data")
     http_host: str = Field("127.0.0.1", description="address of /healthz, /readyz, /metrics")
     http_port: int = Field(8321, ge=0, le=65535, description="port of the HTTP endpoints; 0: off")
-    batch: int = Field(128, ge=1, le=4096, description="messages fetched per pull")
+    batch: int = Field(128, ge=1, le=4096, description="messages in flight per consumer")
     concurrency: int = Field(32, ge=1, le=1024, description="flows processed at once")
     pool_size: int = Field(10, ge=2, le=200, description="PostgreSQL connections")
+    flow_cache: int = Field(
+        10_000, ge=0, description="flows kept in memory to skip the read before a write; 0: off"
+    )
     max_payload: int = Field(262_144, ge=1024, description="largest accepted body, bytes")
     ack_wait: float = Field(30.0, gt=0, description="seconds before JetStream redelivers")
     max_deliver: int = Field(20, ge=2, description="deliveries before a message is dead-lettered")

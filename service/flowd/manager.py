@@ -3,6 +3,12 @@
 Without ``expected_revision`` a write that loses a race re-reads the flow, re-validates and
 commits once more; a second loss raises ``RevisionMismatch``. With ``expected_revision`` the
 caller asked for compare-and-set: a mismatch is raised at once and nothing is retried.
+
+The read before a write may come from a small in-process cache of flows this manager wrote
+last (``cache_size``; 0 turns it off). It cannot make a wrong write: the commit's revision
+check rejects a stale copy exactly as it rejects a concurrent writer, and the retry reads
+the row. Nor a wrong refusal: a rejection or a no-op decided on a cached copy is decided
+again on the row before it is reported.
 """
 
 from __future__ import annotations
@@ -59,10 +65,17 @@ class FlowManager:
         *,
         clock: Clock = utcnow,
         new_id: Callable[[], UUID] = uuid.uuid4,
+        cache_size: int = 10_000,
+        on_commit: Callable[[Change | None], None] | None = None,
     ) -> None:
+        """``on_commit`` is called after every write: with the change, or None for a
+        recorded outcome (a rejection, a no-op); both may have queued outbox messages."""
         self.store = store
         self._clock = clock
         self._new_id = new_id
+        self._cache: dict[UUID, Flow] = {}
+        self._cache_size = cache_size
+        self._on_commit = on_commit or (lambda change: None)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -121,7 +134,7 @@ class FlowManager:
     ) -> Flow:
         valid = _validated(CreateManagedInput, data)
         change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
-        await self.store.commit(change, command_id=command_id)
+        await self._commit(change, command_id)
         return change.flow
 
     async def record_rejection(
@@ -137,6 +150,7 @@ class FlowManager:
             "details": error.details(),
         }
         await self.store.record_outcome(command_id, flow_id, token, outcome)
+        self._on_commit(None)
 
     # -- mutations ---------------------------------------------------------------------------
 
@@ -334,28 +348,67 @@ class FlowManager:
         step: Callable[[Flow], Awaitable[Change | None]],
     ) -> Flow:
         attempts = 1 if expected is not None else 2
-        for attempt in range(attempts):
-            flow = await self.get(flow_id)
+        flow = self._cache.get(flow_id)
+        while True:
+            cached = flow is not None
+            if flow is None:
+                flow = await self.get(flow_id)
             if expected is not None and flow.revision != expected:
+                if cached:
+                    flow = None  # perhaps only the copy is old: ask the row
+                    continue
                 raise errors.RevisionMismatch(flow_id, expected, flow.revision)
-            change = await step(flow)
+            try:
+                change = await step(flow)
+            except errors.StoreUnavailable:
+                raise
+            except errors.FlowError:
+                if cached:
+                    flow = None  # refused on a copy: decide again on the row
+                    continue
+                raise
             if change is None:
-                if command_id is not None:
-                    outcome: JsonObject = {
-                        "status": "unchanged",
-                        "flow_id": str(flow.id),
-                        "revision": flow.revision,
-                    }
-                    await self.store.record_outcome(command_id, flow.id, str(flow.id), outcome)
+                if cached:
+                    flow = None  # nothing to do, says the copy: ask the row
+                    continue
+                await self._unchanged(flow, command_id)
                 return flow
             try:
-                await self.store.commit(change, command_id=command_id)
-            except errors.RevisionMismatch:
-                if attempt + 1 == attempts:
+                await self._commit(change, command_id)
+            except (errors.RevisionMismatch, errors.FlowNotFound) as exc:
+                self._cache.pop(flow_id, None)
+                attempts -= isinstance(exc, errors.RevisionMismatch)
+                if attempts == 0 or not (cached or isinstance(exc, errors.RevisionMismatch)):
                     raise
+                flow = None
                 continue
             return change.flow
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _unchanged(self, flow: Flow, command_id: str | None) -> None:
+        """Record that ``command_id`` changed nothing (its outcome names the revision)."""
+        if command_id is not None:
+            outcome: JsonObject = {
+                "status": "unchanged",
+                "flow_id": str(flow.id),
+                "revision": flow.revision,
+            }
+            await self.store.record_outcome(command_id, flow.id, str(flow.id), outcome)
+            self._on_commit(None)
+
+    async def _commit(self, change: Change, command_id: str | None) -> None:
+        """Write ``change``; keep the flow as it is now for the next write (unless it ended:
+        a terminal flow takes no more changes)."""
+        await self.store.commit(change, command_id=command_id)
+        flow = change.flow
+        if flow.status.terminal or not self._cache_size:
+            self._cache.pop(flow.id, None)
+        elif (known := self._cache.pop(flow.id, None)) is None or known.revision < flow.revision:
+            self._cache[flow.id] = flow  # (re)inserted last: the oldest entry goes first
+            if len(self._cache) > self._cache_size:
+                del self._cache[next(iter(self._cache))]
+        else:
+            self._cache[flow.id] = known
+        self._on_commit(change)
 
 
 def _limit(limit: int) -> int:

@@ -66,8 +66,8 @@ async def test_rejection_and_unchanged_outcomes_are_recorded_once(
         (f"evt.{flow.id}.cancel_requested", "c-rc1"),
         (f"out.{flow.id}", "c-rc2"),
     ]
-    assert sent[1].body["status"] == "rejected"
-    assert sent[1].body["details"]["reason"] == "illegal_transition"
+    assert sent[1].json()["status"] == "rejected"
+    assert sent[1].json()["details"]["reason"] == "illegal_transition"
 
 
 async def test_outbox_has_one_message_per_event_in_order(outbox_store: FlowStore) -> None:
@@ -79,11 +79,11 @@ async def test_outbox_has_one_message_per_event_in_order(outbox_store: FlowStore
     sent = await drain_all(outbox_store)
     events = await manager.list_events(flow.id)
     assert [m.msg_id for m in sent] == [str(e.id) for e in events]
-    assert [m.body["revision"] for m in sent] == [0, 1, 2, 3]
-    assert [m.body["final"] for m in sent] == [False, True, True, True]
-    first = sent[0].body["flow"]
+    assert [m.json()["revision"] for m in sent] == [0, 1, 2, 3]
+    assert [m.json()["final"] for m in sent] == [False, True, True, True]
+    first = sent[0].json()["flow"]
     assert (first["status"], first["revision"]) == ("created", 0)  # snapshot after *that* event
-    last = sent[-1].body
+    last = sent[-1].json()
     assert last["flow"]["status"] == "finished"
     assert last["command_id"] == "c3"
     assert last["kind"] == "finished"

@@ -429,7 +429,7 @@ async def test_retry_revalidates_the_transition(store: FlowStore) -> None:
 
 
 async def test_two_concurrent_compatible_writers_both_succeed(store: FlowStore) -> None:
-    manager = FlowManager(YieldingStore(store))  # type: ignore[arg-type]
+    manager = FlowManager(YieldingStore(store), cache_size=0)  # type: ignore[arg-type]
     flow = await running_flow(manager)
     a, b = await asyncio.gather(
         manager.update_state(flow.id, {"a": 1}), manager.update_state(flow.id, {"b": 2})
@@ -441,7 +441,7 @@ async def test_two_concurrent_compatible_writers_both_succeed(store: FlowStore) 
 
 
 async def test_heavy_contention_surfaces_mismatch_and_loses_nothing(store: FlowStore) -> None:
-    manager = FlowManager(YieldingStore(store))  # type: ignore[arg-type]
+    manager = FlowManager(YieldingStore(store), cache_size=0)  # type: ignore[arg-type]
     flow = await running_flow(manager)
     writers = 20
     results = await asyncio.gather(
@@ -530,3 +530,56 @@ async def test_start_does_not_resume_a_waiting_flow(manager: FlowManager) -> Non
     with pytest.raises(InvalidTransition):
         await manager.start_running(flow.id)
     await assert_unchanged(manager, flow)
+
+
+# -- the flow cache: two managers on one store are two replicas, each with its own copies --
+
+
+async def test_a_stale_cached_copy_costs_a_reread_not_a_lost_write(store: FlowStore) -> None:
+    mine, other = FlowManager(store), FlowManager(store)
+    flow = await running_flow(mine)  # cached by `mine` at revision 1
+    await other.update_state(flow.id, {"other": True})
+    flow = await mine.update_state(flow.id, {"mine": True})
+    assert (flow.revision, flow.state_json) == (3, {"n": 0, "other": True, "mine": True})
+    assert [e.revision for e in await mine.list_events(flow.id)] == [0, 1, 2, 3]
+
+
+async def test_a_refusal_decided_on_a_cached_copy_is_decided_again(store: FlowStore) -> None:
+    mine, other = FlowManager(store), FlowManager(store)
+    created = await mine.create_managed(create_input())  # cached: status created
+    await other.start_running(created.id)
+    flow = await mine.finish(created.id)  # the copy says "not running"; the row says it is
+    assert (flow.status, flow.revision) == (FlowStatus.FINISHED, 2)
+
+
+async def test_expected_revision_is_checked_against_the_row_not_the_copy(
+    store: FlowStore,
+) -> None:
+    mine, other = FlowManager(store), FlowManager(store)
+    flow = await running_flow(mine)  # cached at revision 1
+    await other.update_state(flow.id, {"other": True})
+    with pytest.raises(RevisionMismatch) as info:
+        await mine.update_state(flow.id, {"mine": 1}, expected_revision=1)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    flow = await mine.update_state(flow.id, {"mine": 2}, expected_revision=2)
+    assert flow.revision == 3
+
+
+async def test_a_pruned_flow_in_the_cache_is_not_found(store: FlowStore) -> None:
+    mine, other = FlowManager(store), FlowManager(store)
+    flow = await running_flow(mine)  # cached by `mine` as running
+    await other.fail(flow.id, "x")
+    await store.prune(datetime.now(UTC) + timedelta(days=1))
+    with pytest.raises(FlowNotFound):
+        await mine.update_state(flow.id, {"late": True})
+
+
+async def test_on_commit_sees_every_write(store: FlowStore) -> None:
+    seen: list[object] = []
+    manager = FlowManager(store, on_commit=seen.append)
+    flow = await running_flow(manager)
+    await manager.request_cancel(flow.id, command_id="c1")
+    await manager.request_cancel(flow.id, command_id="c2")  # a no-op: its outcome is recorded
+    with pytest.raises(InvalidTransition):
+        await manager.start_running(flow.id)
+    assert [getattr(c, "flow", None) and c.flow.revision for c in seen] == [0, 1, 2, None]

@@ -87,7 +87,7 @@ class NatsBus:
         self.js = nc.jetstream(timeout=5)
         self.subjects = subjects
         self.limits = limits
-        self._subs: dict[str, Any] = {}
+        self._subs: dict[str, _Pull] = {}
         self._streams: dict[str, str] = {}
 
     @property
@@ -171,21 +171,27 @@ class NatsBus:
                     max_waiting=512,
                 )
                 await self.js.add_consumer(stream, consumer)
-                self._subs[durable] = await self.js.pull_subscribe_bind(
-                    durable=durable, stream=stream
-                )
+                if durable not in self._subs:
+                    self._subs[durable] = await _Pull.start(self.nc, stream, durable)
                 self._streams[durable] = stream
         return self
 
     async def fetch(self, durable: str, batch: int, wait: float) -> list[Msg]:
-        """Up to ``batch`` messages; ``[]`` when none arrive within ``wait`` seconds."""
+        """The messages that have arrived, as soon as there is one (at most ``batch`` are
+        asked for); ``[]`` when none arrives within ``wait`` seconds."""
         try:
-            msgs: list[Msg] = await self._subs[durable].fetch(batch, timeout=wait)
-            return msgs
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as exc:
+            return await self._subs[durable].fetch(batch, wait)
+        except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(str(exc)) from exc
+
+    async def relinquish(self, durable: str, held: Sequence[Msg] = ()) -> None:
+        """Stop pulling ``durable``: once its open pull request has expired (nothing more
+        can arrive here) nak ``held`` (fetched, not settled) and what arrived but was never
+        fetched, together in stream order. Whoever pulls next (another replica, after a
+        partition moved) gets them first and in that order: a nak'd message is redelivered
+        at once, and a message nak'd while a pull request is open could come straight back
+        behind a later one of its flow."""
+        await self._subs[durable].relinquish(held)
 
     async def pending(self, durable: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a consumer."""
@@ -201,7 +207,7 @@ class NatsBus:
                 headers = {names.MSG_ID: m.msg_id}
                 if m.command_id is not None:
                     headers[names.COMMAND_ID] = m.command_id
-                body = json.dumps(m.body, separators=(",", ":")).encode()
+                body = m.text().encode()
                 futures.append(
                     await self.js.publish_async(self.subjects.topic(m.topic), body, headers=headers)
                 )
@@ -242,7 +248,7 @@ class NatsBus:
         """Stop the pull subscriptions, drain the rest (API replies, publishes), close."""
         for sub in self._subs.values():
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await sub.close()
         self._subs.clear()
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
@@ -256,3 +262,82 @@ class NatsBus:
             yield
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise BusUnavailable(f"NATS: {exc!r}") from exc
+
+
+class _Pull:
+    """A durable pull consumer, pulled continuously.
+
+    nats-py's ``fetch(n)`` waits, once nothing is queued, until all ``n`` messages arrived or
+    its timeout passed: under light load a command would sit in the client for up to the
+    whole timeout. Here one pull request (``batch``, expiring after ``wait``) stays open on
+    the server and every ``fetch`` returns what has arrived as soon as there is something;
+    a new request is sent only when the last one is used up or expired. The server never
+    delivers more than the consumer's ``max_ack_pending`` unacked messages, whatever is asked.
+    """
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self._nc = nc
+        self._next = subject
+        self._inbox = nc.new_inbox()
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: Any = None
+        self._open = 0  # messages the open request may still bring
+        self._until = 0.0  # when it expires (loop time)
+
+    @classmethod
+    async def start(cls, nc: Client, stream: str, durable: str) -> _Pull:
+        pull = cls(nc, f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}")
+        pull._sub = await nc.subscribe(pull._inbox, cb=pull._arrived)
+        return pull
+
+    async def _arrived(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def fetch(self, batch: int, wait: float) -> list[Msg]:
+        loop = asyncio.get_running_loop()
+        if self._queue.empty():
+            if self._open <= 0 or loop.time() >= self._until:
+                request = {"batch": batch, "expires": int(wait * 1e9)}
+                await self._nc.publish(self._next, json.dumps(request).encode(), self._inbox)
+                self._open, self._until = batch, loop.time() + wait
+            try:
+                first = await asyncio.wait_for(self._queue.get(), self._until - loop.time() + 0.1)
+            except TimeoutError:
+                self._open = 0  # expired (its 408 may still come: harmless)
+                return []
+            arrived = [first]
+        else:
+            arrived = []
+        while not self._queue.empty():
+            arrived.append(self._queue.get_nowait())
+        msgs, refused = [], ""
+        for msg in arrived:
+            status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+            if status is None:
+                msgs.append(msg)
+                self._open -= 1
+            elif status != "100":  # 100: heartbeat / flow control
+                self._open = 0  # the request ended: 408 expired; 409 refused (see why)
+                if status != "408":
+                    assert msg.headers is not None
+                    refused = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '')}"
+        if refused and not msgs:  # e.g. the consumer is gone: the caller backs off
+            raise BusUnavailable(f"pull request refused: {refused}")
+        return msgs
+
+    async def relinquish(self, held: Sequence[Msg]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._open > 0 and (left := self._until - loop.time()) > -0.1:
+            await asyncio.sleep(left + 0.1)  # the server's clock started a little later
+        self._open = 0
+        back = list(held)
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            if not (msg.headers and msg.headers.get(api.Header.STATUS)):
+                back.append(msg)
+        for msg in sorted(back, key=lambda m: m.metadata.sequence.stream):
+            with contextlib.suppress(Exception):  # unacked, it comes back anyway
+                await msg.nak()
+
+    async def close(self) -> None:
+        await self._sub.unsubscribe()

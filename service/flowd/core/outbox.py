@@ -8,6 +8,7 @@ Stores write these rows in the mutation's transaction; the relay publishes them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -18,12 +19,26 @@ from flowd.core.models import Flow, FlowEvent, JsonObject
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    """One message to publish, exactly once, in the order it was written."""
+    """One message to publish, exactly once, in the order it was written. ``body`` is the
+    JSON object, or its text as a store kept it (published as it is)."""
 
     topic: str
     msg_id: str
     command_id: str | None
-    body: JsonObject
+    body: JsonObject | str
+
+    def text(self) -> str:
+        """The body as compact JSON text."""
+        if isinstance(self.body, str):
+            return self.body
+        return json.dumps(self.body, separators=(",", ":"))
+
+    def json(self) -> JsonObject:
+        """The body as an object."""
+        if isinstance(self.body, str):
+            data: JsonObject = json.loads(self.body)
+            return data
+        return self.body
 
 
 def snapshot(flow: Flow) -> JsonObject:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -67,13 +66,11 @@ class Api:
         metrics: Metrics,
         *,
         max_payload: int,
-        wake_relay: Callable[[], None],
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.metrics = metrics
         self.max_payload = max_payload
-        self._wake_relay = wake_relay
 
     async def start(self) -> None:
         await self.bus.serve(self.bus.subjects.api_all, self.handle)
@@ -156,8 +153,6 @@ class Api:
         except errors.FlowError as exc:
             await self._reject(cmd.command_id, cmd.flow_id, cmd.token, exc)
             raise
-        finally:
-            self._wake_relay()
         stored_outcome = await self.manager.store.get_outcome(cmd.command_id)
         key = "step" if cmd.verb == "observe" else "flow"
         return {"outcome": stored_outcome, key: result_json(result)}

@@ -2,7 +2,7 @@
 
 Start-up: (embedded servers) -> PostgreSQL pool -> migrate or check -> NATS, streams and
 consumers -> manager, dispatcher, outbox relay, API, HTTP endpoints. SIGTERM/SIGINT: stop
-fetching, finish the batches in flight, flush the outbox, drain NATS, exit 0.
+fetching, finish the commands in flight, flush the outbox, drain NATS, exit 0.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from flowd.bus.nats import BusUnavailable, NatsBus, StreamLimits, connect
 from flowd.bus.subjects import Subjects
 from flowd.config import Settings
 from flowd.core import errors
+from flowd.core.apply import Change
 from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
 from flowd.daemon.health import Metrics, serve_http
@@ -129,16 +130,16 @@ class Daemon:
 
     async def _run_loops(self, store: PostgresFlowStore, bus: NatsBus, drain: bool) -> None:
         s, m = self.settings, self.metrics
-        manager = FlowManager(store)
         relay = OutboxRelay(store, bus, m, interval=s.relay_interval)
-        engine = WaitEngine(
-            manager, bus, m, tick=s.wait_tick, batch=s.wait_batch, committed=relay.wake
-        )
+        engine: WaitEngine | None = None
 
-        def committed() -> None:
-            relay.wake()
-            engine.waits_changed()
+        def committed(change: Change | None) -> None:
+            relay.wake()  # its messages leave now, not at the relay's next poll
+            if engine is not None and change is not None and change.conditions is not None:
+                engine.waits_changed()
 
+        manager = FlowManager(store, cache_size=s.flow_cache, on_commit=committed)
+        engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
         dispatcher = Dispatcher(
             manager,
             bus,
@@ -146,10 +147,9 @@ class Daemon:
             concurrency=s.concurrency,
             max_payload=s.max_payload,
             max_deliver=s.max_deliver,
-            wake_relay=committed,
             stopping=self.stop,
         )
-        api = Api(manager, bus, m, max_payload=s.max_payload, wake_relay=committed)
+        api = Api(manager, bus, m, max_payload=s.max_payload)
         await api.start()
 
         async def ready() -> str | None:
@@ -219,7 +219,7 @@ class Daemon:
         partition: int | None = None,
         release: asyncio.Event | None = None,
     ) -> None:
-        """Fetch-apply-ack one consumer until stopped (or released, or idle with drain).
+        """Apply one consumer's messages until stopped (or released, or idle with drain).
         Without ``partition``: the unpartitioned consumer of ``kind`` (with partitions, the
         consumer of creates that name no flow id)."""
         s = self.subjects
@@ -230,19 +230,14 @@ class Daemon:
         else:
             durable = s.consumer(kind, 0)
         await self._await_redeliveries(bus, durable)
-        while not self.stop.is_set() and not (release is not None and release.is_set()):
-            try:
-                msgs = await bus.fetch(durable, self.settings.batch, wait=0.5)
-                if msgs:
-                    await dispatcher.handle_batch(
-                        kind, msgs, partitioned=partition is not None, abort=release
-                    )
-                elif drain and await bus.pending(durable) == (0, 0):
-                    return
-            except BusUnavailable as exc:
-                log.warning("nats_unavailable", error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), timeout=1)
+        await dispatcher.consume(
+            kind,
+            durable,
+            batch=self.settings.batch,
+            partitioned=partition is not None,
+            release=release,
+            drain=drain,
+        )
 
     async def _await_redeliveries(self, bus: NatsBus, durable: str) -> None:
         """Messages a crashed process had fetched must come back before anything newer is
@@ -299,8 +294,9 @@ class Daemon:
             duplicate_window=s.duplicate_window,
             ack_wait=s.ack_wait,
             max_deliver=s.max_deliver,
-            # One batch in flight per consumer: after a crash nothing newer can be fetched
-            # before the unacked batch is redelivered, so per-flow order survives.
+            # At most `batch` unacked messages per consumer: after a crash they are all
+            # redelivered, in order, before anything newer is fetched (_await_redeliveries),
+            # so per-flow order survives.
             max_ack_pending=s.batch,
         )
 

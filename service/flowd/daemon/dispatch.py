@@ -16,6 +16,7 @@ decided here in one place (``_handle``):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from flowd.manager import FlowManager
 
 log = structlog.get_logger("flowd.dispatch")
 Kind = Literal["cmd", "obs"]
+Lane = collections.deque[tuple[Message, codec.Decoded | Exception]]
 
 
 async def execute(manager: FlowManager, cmd: codec.Decoded) -> Flow | FlowStep:
@@ -91,7 +93,6 @@ class Dispatcher:
         concurrency: int,
         max_payload: int,
         max_deliver: int,
-        wake_relay: Callable[[], None],
         stopping: asyncio.Event,
     ) -> None:
         self.manager = manager
@@ -99,66 +100,98 @@ class Dispatcher:
         self.metrics = metrics
         self.max_payload = max_payload
         self.max_deliver = max_deliver
-        self._wake_relay = wake_relay
         self._stopping = stopping
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def handle_batch(
+    async def consume(
         self,
         kind: Kind,
-        msgs: list[Message],
+        durable: str,
         *,
+        batch: int,
         partitioned: bool = False,
-        abort: asyncio.Event | None = None,
+        release: asyncio.Event | None = None,
+        drain: bool = False,
     ) -> None:
-        """Apply ``msgs``: per flow in order, across flows concurrently. ``partitioned``:
-        the stored subjects carry a partition token after ``cmd``/``obs``. ``abort``: set
-        when this process lost the partition; unfinished messages are handed back."""
-        lanes: dict[str, list[tuple[Message, codec.Decoded | Exception]]] = {}
-        prefix_len = len(self.bus.subjects.prefix) + 1 + len(kind) + 1
-        skip = 1 if partitioned else 0
-        for msg in msgs:
-            meta = msg.metadata
-            fallback = f"{meta.stream}:{meta.sequence.stream}"
-            decoded: codec.Decoded | Exception
-            try:
-                ok = codec.decode(
-                    kind,
-                    msg.subject[prefix_len:].split(".")[skip:],
-                    msg.headers,
-                    msg.data,
-                    fallback_id=fallback,
-                    max_payload=self.max_payload,
-                )
-                decoded, key = ok, str(ok.flow_id) if ok.flow_id else ok.command_id
-            except codec.Rejected as exc:
-                decoded, key = exc, exc.token
-            except codec.Undecodable as exc:
-                decoded, key = exc, fallback
-            lanes.setdefault(key, []).append((msg, decoded))
-        stop = _any_event(self._stopping, abort)
-        await asyncio.gather(*(self._lane(kind, lane, stop) for lane in lanes.values()))
-        self._wake_relay()
+        """Fetch and apply ``durable``'s messages until stopped, or ``release``d (this process
+        lost the partition: unfinished messages are handed back), or, with ``drain``, until
+        nothing is pending. Fetching never waits for applying: what arrives joins its flow's
+        lane at once, up to ``batch`` messages in flight (the consumer's max_ack_pending).
+        ``partitioned``: the stored subjects carry a partition token after ``cmd``/``obs``."""
+        stop = _any_event(self._stopping, release)
+        lanes = _Lanes(self, kind, stop)
+        try:
+            while not stop():
+                try:
+                    if lanes.in_flight >= batch:
+                        await lanes.wait_for_room(timeout=0.5)
+                        continue
+                    msgs = await self.bus.fetch(durable, batch, wait=0.5)
+                    for msg in msgs:
+                        lanes.add(*self._decode(kind, msg, partitioned), msg)
+                    idle = drain and not msgs and lanes.idle
+                    if idle and await self.bus.pending(durable) == (0, 0):
+                        return
+                except BusUnavailable as exc:
+                    log.warning("nats_unavailable", error=str(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), timeout=1)
+        finally:
+            await lanes.join()
+            await self.bus.relinquish(durable, lanes.handed_back)
 
-    async def _lane(
+    def _decode(
+        self, kind: Kind, msg: Message, partitioned: bool
+    ) -> tuple[str, codec.Decoded | Exception]:
+        """Its lane (its flow, else its command id) and the message decoded, or why not."""
+        meta = msg.metadata
+        fallback = f"{meta.stream}:{meta.sequence.stream}"
+        prefix_len = len(self.bus.subjects.prefix) + 1 + len(kind) + 1
+        try:
+            ok = codec.decode(
+                kind,
+                msg.subject[prefix_len:].split(".")[1 if partitioned else 0 :],
+                msg.headers,
+                msg.data,
+                fallback_id=fallback,
+                max_payload=self.max_payload,
+            )
+            return (str(ok.flow_id) if ok.flow_id else ok.command_id), ok
+        except codec.Rejected as exc:
+            return exc.token, exc
+        except codec.Undecodable as exc:
+            return fallback, exc
+
+    async def run_lane(
         self,
         kind: Kind,
-        lane: list[tuple[Message, codec.Decoded | Exception]],
+        lane: Lane,
         stop: Callable[[], bool],
+        settled: Callable[[], None],
+        hand_back: Callable[[Message], None],
     ) -> None:
+        """Settle ``lane``: one flow's messages in stream order (it may grow meanwhile).
+        Stopping, the unsettled rest goes to ``hand_back``, which returns it to JetStream
+        in stream order once nothing more can arrive (``consume``)."""
         async with self._slots:
-            for i, (msg, decoded) in enumerate(lane):
+            while lane:
+                msg, decoded = lane[0]
                 if stop() and isinstance(decoded, codec.Decoded):
-                    # Shutting down mid-lane: hand the rest back, in order, untouched.
-                    for rest, _ in lane[i:]:
-                        await _settle(rest.nak())
-                    return
-                if not await self._handle(kind, msg, decoded, stop):
-                    # This message goes back for redelivery; so must every later message
-                    # of its flow, or they would overtake it.
-                    for rest, _ in lane[i + 1 :]:
-                        await _settle(rest.nak(delay=1))
-                    return
+                    break
+                handled = await self._handle(kind, msg, decoded, stop)
+                if not handled and stop():
+                    break  # interrupted by the stop (PostgreSQL or NATS away): back it goes
+                lane.popleft()
+                settled()
+                if not handled:
+                    # A crash, nak'd with a backoff: every later message of its flow goes
+                    # back after it, or would overtake it.
+                    while lane:
+                        await _settle(lane.popleft()[0].nak(delay=1))
+                        settled()
+            while lane:
+                hand_back(lane.popleft()[0])
+                settled()
 
     async def _handle(
         self,
@@ -261,8 +294,7 @@ class Dispatcher:
                 self.metrics.inc("store_unavailable_total")
                 bound.warning("store_unavailable", error=str(exc), retry_in=delay)
                 if stop():
-                    await _settle(msg.nak(delay=1))
-                    return False
+                    return False  # the lane hands it back
                 await _settle(msg.in_progress())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
@@ -277,7 +309,7 @@ class Dispatcher:
                 break
             except BusUnavailable:
                 if self._stopping.is_set():
-                    return False  # not acked: redelivered after restart
+                    return False  # the lane hands it back
                 await asyncio.sleep(0.5)
         await _settle(msg.ack())
         self.metrics.inc("dead_letters_total", kind=kind)
@@ -287,6 +319,57 @@ class Dispatcher:
     def _count_rejection(self, code: str, bound: Any, message: str, verb: str = "") -> None:
         self.metrics.inc("commands_rejected_total", code=code)
         bound.info("command_rejected", code=code, message=message, verb=verb or None)
+
+
+class _Lanes:
+    """The messages of one consumer in flight: one lane (a task) per flow."""
+
+    def __init__(self, dispatcher: Dispatcher, kind: Kind, stop: Callable[[], bool]) -> None:
+        self._dispatcher = dispatcher
+        self._kind = kind
+        self._stop = stop
+        self._lanes: dict[str, Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self.in_flight = 0
+        self.handed_back: list[Message] = []
+
+    @property
+    def idle(self) -> bool:
+        return not self._lanes
+
+    def add(self, key: str, decoded: codec.Decoded | Exception, msg: Message) -> None:
+        self.in_flight += 1
+        if (lane := self._lanes.get(key)) is not None:
+            lane.append((msg, decoded))  # its flow's lane is running: it comes next
+            return
+        lane = self._lanes[key] = collections.deque([(msg, decoded)])
+        task = asyncio.create_task(self._run(key, lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: str, lane: Lane) -> None:
+        try:
+            await self._dispatcher.run_lane(
+                self._kind, lane, self._stop, self._settled, self.handed_back.append
+            )
+        finally:
+            # No await since the lane was last seen empty: a message added from here on
+            # starts a new lane, which runs after this one.
+            del self._lanes[key]
+
+    def _settled(self) -> None:
+        self.in_flight -= 1
+        self._room.set()
+
+    async def wait_for_room(self, timeout: float) -> None:
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout)
+
+    async def join(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _any_event(*events: asyncio.Event | None) -> Callable[[], bool]:

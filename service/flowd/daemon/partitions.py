@@ -5,9 +5,10 @@ subject transform), one durable consumer per partition. A partition is consumed 
 one replica at a time: ownership is a PostgreSQL session advisory lock held on a dedicated
 connection, so it is released the moment a replica dies (its connection drops) and another
 replica takes the partition over. Each replica aims at ceil(N / live replicas) partitions
-and hands extra ones back after finishing their batch in flight, so the load spreads as
-replicas come and go. One consumer per partition, one owner per consumer, one batch in
-flight per consumer: a flow's commands are applied in stream order across replicas.
+and hands extra ones back after finishing their messages in flight, so the load spreads as
+replicas come and go. One consumer per partition, one owner per consumer, a bounded
+window of unacked messages per consumer: a flow's commands are applied in stream order
+across replicas.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class PartitionOwner:
         task, release = self.owned.pop(partition)
         release.set()
         with contextlib.suppress(Exception):
-            await task  # finishes (or hands back) its batch in flight first
+            await task  # finishes (or hands back) its messages in flight first
         if not leases.lost.is_set():
             with contextlib.suppress(errors.StoreUnavailable):
                 await leases.release(partition)

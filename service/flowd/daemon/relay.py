@@ -61,6 +61,9 @@ class OutboxRelay:
         """Relay until ``stop`` is set, then flush for up to 10 s."""
         backoff = self.interval
         while not stop.is_set():
+            # Cleared before draining, not after: a commit landing during the drain sets it
+            # again, and its rows leave right after this drain, not at the next poll.
+            self._wake.clear()
             try:
                 await self.drain_once()
                 backoff = self.interval
@@ -68,7 +71,6 @@ class OutboxRelay:
                 self.metrics.inc("outbox_errors_total")
                 log.warning("outbox_relay_failed", error=str(exc), retry_in=backoff)
                 backoff = min(backoff * 2, 5.0)
-            self._wake.clear()
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
             try:

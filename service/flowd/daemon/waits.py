@@ -51,7 +51,6 @@ class WaitEngine:
         lease: float = 30.0,
         batch: int = 256,
         refresh: float = 1.0,
-        committed: Callable[[], None] = lambda: None,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -61,7 +60,6 @@ class WaitEngine:
         self.lease = lease
         self.batch = batch
         self.refresh_interval = refresh
-        self._committed = committed  # wakes the outbox relay: the wake's event leaves now
         self._refresh = asyncio.Event()
         self._listening: dict[str, Callable[[], Awaitable[None]]] = {}
 
@@ -108,7 +106,6 @@ class WaitEngine:
             else:
                 wake = waits.wake(cond.kind, now, due_at=due_at)
                 await self.manager.resume(flow_id, {"wake": wake}, cause=wake, command_id=cid)
-            self._committed()
             self.metrics.inc("wakes_total", cause=cond.kind)
             self.metrics.observe(
                 "wake_delay_seconds", (now - cond.due_at).total_seconds() if cond.due_at else 0.0
@@ -128,6 +125,7 @@ class WaitEngine:
         durable = self.bus.subjects.prefix + ".wake."
         try:
             while not stop.is_set():
+                self._refresh.clear()  # before the read: a change during it asks again
                 try:
                     wanted = {
                         s for s in await self.store.wait_subjects() if not s.startswith(durable)
@@ -140,7 +138,6 @@ class WaitEngine:
                         await self._listening.pop(subject)()
                 except (errors.StoreUnavailable, BusUnavailable) as exc:
                     log.warning("wait_subscriptions_failed", error=str(exc))
-                self._refresh.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         _first(stop.wait(), self._refresh.wait()), self.refresh_interval
@@ -187,7 +184,6 @@ class WaitEngine:
             await self.manager.resume(
                 flow_id, {"wake": wake}, cause=wake, command_id=f"msg:{msg_id}:{flow_id}"
             )
-            self._committed()
             self.metrics.inc("wakes_total", cause="subject")
             log.info("flow_woken", flow_id=str(flow_id), cause="subject", subject=subject)
         except errors.StoreUnavailable:

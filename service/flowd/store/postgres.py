@@ -86,7 +86,7 @@ WITH upd AS (
                            $16::jsonb[], $17::timestamptz[]) AS e, upd
 ), ob AS (
     INSERT INTO outbox (topic, msg_id, command_id, body)
-    SELECT o.* FROM unnest($18::text[], $19::text[], $20::text[], $21::jsonb[]) AS o, upd
+    SELECT o.* FROM unnest($18::text[], $19::text[], $20::text[], $21::json[]) AS o, upd
 ), wc AS (
     DELETE FROM wait_conditions WHERE flow_id = $1 AND $22::bool
         AND EXISTS (SELECT 1 FROM upd)
@@ -114,7 +114,7 @@ WITH ins AS (
                            $21::jsonb[], $22::timestamptz[]) AS e, ins
 ), ob AS (
     INSERT INTO outbox (topic, msg_id, command_id, body)
-    SELECT o.* FROM unnest($23::text[], $24::text[], $25::text[], $26::jsonb[]) AS o, ins
+    SELECT o.* FROM unnest($23::text[], $24::text[], $25::text[], $26::json[]) AS o, ins
 )
 SELECT (SELECT count(*) FROM ins) AS written,
        (SELECT revision FROM flows WHERE id = $1) AS seen,
@@ -173,17 +173,20 @@ ON CONFLICT (command_id) DO NOTHING"""
 SELECT_OUTCOME: Final = "SELECT outcome FROM processed_commands WHERE command_id = $1"
 INSERT_OUTBOX: Final = """
 INSERT INTO outbox (topic, msg_id, command_id, body)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"""
-# One drainer at a time (transaction-scoped advisory lock), so messages of one flow are
-# published in the order they were written.
-# Take the batch by deleting it, inside a transaction that commits only after JetStream acked
-# the publishes (a failed publish rolls the rows back): BEGIN, this, COMMIT.
-TAKE_OUTBOX: Final = """
-WITH lock AS (SELECT pg_try_advisory_xact_lock($2) AS held)
-DELETE FROM outbox WHERE id IN (
-    SELECT id FROM outbox, lock WHERE lock.held ORDER BY id LIMIT $1
-)
-RETURNING id, topic, msg_id, command_id, body"""
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[])"""
+# The relay, one statement per round: delete what the previous round published (JetStream
+# acked it), read the next rows in order. It runs on a connection of its own that holds a
+# session advisory lock (one drainer across all replicas, so per-flow order holds) and
+# commits without waiting for the WAL flush (synchronous_commit off): should PostgreSQL
+# crash and lose a delete, those rows are re-sent under the same Nats-Msg-Id, which
+# JetStream drops within its duplicate window. A publish that fails deletes nothing.
+NEXT_OUTBOX: Final = """
+WITH sent AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]))
+SELECT id, topic, msg_id, command_id, body FROM outbox
+WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT $2"""
+TRY_DRAIN_LOCK: Final = "SELECT pg_try_advisory_lock($1)"
+DRAIN_UNLOCK: Final = "SELECT pg_advisory_unlock($1)"
+ASYNC_COMMIT: Final = "SET synchronous_commit = off"
 COUNT_OUTBOX: Final = "SELECT count(*) FROM outbox"
 
 # -- the wait engine --------------------------------------------------------------------------
@@ -280,20 +283,13 @@ async def _duplicate_on_conflict(command_id: str | None) -> AsyncIterator[None]:
         raise errors.DuplicateCommand(command_id, None) from exc
 
 
-class _PublishFailed(Exception):
-    """Carries a publish callback's own error through the outbox transaction."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class PostgresFlowStore:
     """A FlowStore in PostgreSQL, through an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], *, outbox: bool = False) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], *, outbox: bool = False, dsn: str = "") -> None:
         self._pool = pool
         self._outbox = outbox
+        self._drainer = _Drainer(dsn)
 
     @classmethod
     async def connect(
@@ -315,7 +311,7 @@ class PostgresFlowStore:
                 init=_init_connection,
                 reset=_keep_session,
             )
-        store = cls(pool, outbox=outbox)
+        store = cls(pool, outbox=outbox, dsn=dsn)
         if run_migrations:
             await store.migrate()
         return store
@@ -392,7 +388,7 @@ class PostgresFlowStore:
             [m.topic for m in msgs],
             [m.msg_id for m in msgs],
             [m.command_id for m in msgs],
-            [m.body for m in msgs],
+            [m.text() for m in msgs],
         ]
 
     async def _commit_update(self, change: Change, command_id: str | None) -> None:
@@ -546,7 +542,7 @@ class PostgresFlowStore:
             [m.topic for m in messages],
             [m.msg_id for m in messages],
             [m.command_id for m in messages],
-            [m.body for m in messages],
+            [m.text() for m in messages],
         )
 
     async def record_outcome(
@@ -565,22 +561,9 @@ class PostgresFlowStore:
     async def drain_outbox(
         self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
     ) -> int:
-        try:
-            async with _translated(), self._pool.acquire() as conn, conn.transaction():
-                taken = await conn.fetch(TAKE_OUTBOX, limit, OUTBOX_LOCK_KEY)
-                rows = sorted(taken, key=lambda r: r["id"])  # RETURNING has no order
-                if not rows:
-                    return 0
-                batch = [
-                    OutboxMessage(r["topic"], r["msg_id"], r["command_id"], r["body"]) for r in rows
-                ]
-                try:
-                    await publish(batch)
-                except Exception as exc:
-                    raise _PublishFailed(exc) from exc  # roll back; keep it out of _translated
-                return len(rows)
-        except _PublishFailed as failed:
-            raise failed.cause from None
+        """Publish the next rows (deleting those the last call published); 0 when there
+        are none, or another relay (this process's or another's) is draining."""
+        return await self._drainer.drain(publish, limit)
 
     async def outbox_backlog(self) -> int:
         async with _translated():
@@ -676,6 +659,7 @@ class PostgresFlowStore:
             await self._pool.fetchval(PING)
 
     async def close(self) -> None:
+        await self._drainer.close()
         await self._pool.close()
 
 
@@ -710,6 +694,81 @@ def _step(row: Mapping[str, Any]) -> FlowStep:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+class _Drainer:
+    """The outbox relay's side of the store: its own connection, the drain lock, and the ids
+    published but not yet deleted (the next round deletes them)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: asyncpg.Connection[Any] | None = None
+        self._locked = False
+        self._sent: list[int] = []
+        self._busy = asyncio.Lock()
+
+    async def drain(
+        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], limit: int
+    ) -> int:
+        if self._busy.locked():
+            return 0
+        async with self._busy:
+            conn = await self._connection()
+            if conn is None:
+                return 0
+            async with _translated():
+                try:
+                    rows = await conn.fetch(NEXT_OUTBOX, self._sent, limit)
+                except BaseException:
+                    await self._drop()
+                    raise
+            self._sent = []
+            if not rows:
+                return 0
+            batch = [
+                OutboxMessage(r["topic"], r["msg_id"], r["command_id"], r["body"]) for r in rows
+            ]
+            try:
+                await publish(batch)
+            except BaseException:
+                await self._let_go()  # another replica may publish them meanwhile
+                raise
+            self._sent = [r["id"] for r in rows]
+            return len(rows)
+
+    async def _connection(self) -> asyncpg.Connection[Any] | None:
+        """The drain connection if it holds the drain lock (taking it if free), else None."""
+        async with _translated():
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn, self._locked = await asyncpg.connect(self._dsn), False
+                    await self._conn.execute(ASYNC_COMMIT)
+                if not self._locked:
+                    self._locked = await self._conn.fetchval(TRY_DRAIN_LOCK, OUTBOX_LOCK_KEY)
+            except BaseException:
+                await self._drop()
+                raise
+        return self._conn if self._locked else None
+
+    async def _let_go(self) -> None:
+        if self._conn is not None and self._locked:
+            try:
+                await self._conn.fetchval(DRAIN_UNLOCK, OUTBOX_LOCK_KEY)
+                self._locked = False
+            except Exception:
+                await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn, self._locked = self._conn, None, False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn, self._locked = self._conn, None, False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
 
 
 class PartitionLeases:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from flowd.core import jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, JsonObject
 
@@ -31,7 +32,7 @@ class OutboxMessage:
         """The body as compact JSON text."""
         if isinstance(self.body, str):
             return self.body
-        return json.dumps(self.body, separators=(",", ":"))
+        return jsontext.dumps(self.body)
 
     def json(self) -> JsonObject:
         """The body as an object."""

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from flowd.core import errors
+from flowd.core import errors, jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
@@ -241,7 +241,7 @@ DELETE FROM flows WHERE status IN ('cancelled', 'finished', 'failed') AND update
 
 async def _init_connection(conn: _Conn) -> None:
     await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        "jsonb", encoder=jsontext.dumps, decoder=json.loads, schema="pg_catalog", format="text"
     )
 
 

@@ -179,6 +179,8 @@ def markdown(results: dict[str, Any], chart: Path | None, md: Path) -> str:
         "",
         how_run(results),
     ]
+    if goals := targets(sc):
+        parts += ["## Targets (issue 5) against this run", "", goals, ""]
     for title, fn in (
         ("1. End to end: JetStream command -> flowd -> PostgreSQL -> event", e2e),
         ("2. Limits: the same work in pgbench, and raw JetStream", limits),
@@ -194,6 +196,40 @@ def markdown(results: dict[str, Any], chart: Path | None, md: Path) -> str:
         if body:
             parts += [f"## {title}", "", body, ""]
     return "\n".join(parts)
+
+
+def targets(sc: dict[str, Any]) -> str:
+    """The issue's targets, each against what this run measured (rows for scenarios run)."""
+    rows: list[list[Any]] = []
+
+    def met(ok: bool) -> str:
+        return "**yes**" if ok else "**no**"
+
+    scripts = sc.get("pgbench", {}).get("scripts", {})
+    for name, label in (
+        ("one_statement", "the statement flowd sends"),
+        ("multi_statement", "the same rows as separate statements"),
+    ):
+        ratio = scripts.get(name, {}).get("flowd_e2e_over_pgbench")
+        if ratio is not None:
+            rows.append(
+                [f"end to end ≥ 50 % of pgbench ({label})", f"{ratio:.3f}", met(ratio >= 0.5)]
+            )
+    for lat in sc.get("e2e", {}).get("latency", []):
+        if lat.get("fraction") == 0.5 and lat.get("latency", {}).get("p99_ms") is not None:
+            p99 = lat["latency"]["p99_ms"]
+            rows.append(["p99 command → event ≤ 25 ms at 50 %", f"{p99} ms", met(p99 <= 25)])
+    scale = sc.get("scale", {})
+    for call, limit in (("get", 2), ("list_by_owner", 5), ("list_by_status", 5)):
+        if (p99 := scale.get("latency", {}).get(call, {}).get("p99_ms")) is not None:
+            flows = scale.get("table", {}).get("rows", 0)
+            target = f"`{call}` p99 ≤ {limit} ms at {flows:,} flows"
+            rows.append([target, f"{p99} ms", met(p99 <= limit)])
+    res = sc.get("e2e", {}).get("saturation", {}).get("resources", {})
+    if rss := res.get("flowd_peak_rss_kb"):
+        mib = rss / 1024
+        rows.append(["daemon peak RSS ≤ 150 MB", f"{mib:.1f} MiB", met(mib * 1.048576 <= 150)])
+    return table(["target", "measured", "met"], rows) if rows else ""
 
 
 def how_run(r: dict[str, Any]) -> str:

@@ -22,4 +22,5 @@ from flowd.core import jsontext
 def test_dumps_is_compact_json_of_the_value(value: object) -> None:
     text = jsontext.dumps(value)
     assert json.loads(text) == json.loads(json.dumps(value))
-    assert ", " not in text and ": " not in text
+    assert ", " not in text
+    assert ": " not in text

@@ -353,6 +353,11 @@ class _Lanes:
             await self._dispatcher.run_lane(
                 self._kind, lane, self._stop, self._settled, self.handed_back.append
             )
+        except Exception:  # a bug: its messages stay unacked and come back after ack_wait
+            log.exception("lane_crashed", lane=key, unsettled=len(lane))
+            while lane:
+                lane.popleft()
+                self._settled()
         finally:
             # No await since the lane was last seen empty: a message added from here on
             # starts a new lane, which runs after this one.

@@ -185,9 +185,9 @@ class Dispatcher:
                 settled()
                 if not handled:
                     # A crash, nak'd with a backoff: every later message of its flow goes
-                    # back after it, or would overtake it.
+                    # back after it, with the same delay, or it would overtake it.
                     while lane:
-                        await _settle(lane.popleft()[0].nak(delay=1))
+                        await _settle(lane.popleft()[0].nak(delay=_backoff(msg)))
                         settled()
             while lane:
                 hand_back(lane.popleft()[0])
@@ -268,7 +268,7 @@ class Dispatcher:
             # deliveries the message is dead-lettered instead of blocking its flow forever.
             bound.exception("command_crashed", verb=cmd.verb)
             self.metrics.inc("commands_crashed_total", kind=kind)
-            await _settle(msg.nak(delay=min(30, 2**msg.metadata.num_delivered)))
+            await _settle(msg.nak(delay=_backoff(msg)))
             return False
         if not done:
             return False
@@ -375,6 +375,11 @@ class _Lanes:
     async def join(self) -> None:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _backoff(msg: Message) -> float:
+    """Seconds before a crashed message (and its flow's later ones) come back."""
+    return float(min(30, 2**msg.metadata.num_delivered))
 
 
 def _any_event(*events: asyncio.Event | None) -> Callable[[], bool]:

@@ -264,6 +264,9 @@ async def _translated() -> AsyncIterator[None]:
         asyncpg.CannotConnectNowError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.InterfaceError,
+        # "cannot switch to state …; another operation is in progress": seen on a pooled
+        # connection while PostgreSQL was terminating it (tests/faults, PostgreSQL restart)
+        asyncpg.InternalClientError,
         ConnectionError,
         OSError,
         TimeoutError,

@@ -353,18 +353,15 @@ class FlowManager:
             cached = flow is not None
             if flow is None:
                 flow = await self.get(flow_id)
-            if expected is not None and flow.revision != expected:
-                if cached:
-                    flow = None  # perhaps only the copy is old: ask the row
-                    continue
-                raise errors.RevisionMismatch(flow_id, expected, flow.revision)
             try:
+                if expected is not None and flow.revision != expected:
+                    raise errors.RevisionMismatch(flow_id, expected, flow.revision)
                 change = await step(flow)
             except errors.StoreUnavailable:
                 raise
             except errors.FlowError:
                 if cached:
-                    flow = None  # refused on a copy: decide again on the row
+                    flow = None  # refused on a copy (perhaps only the copy is old): ask the row
                     continue
                 raise
             if change is None:
@@ -377,10 +374,11 @@ class FlowManager:
                 await self._commit(change, command_id)
             except (errors.RevisionMismatch, errors.FlowNotFound) as exc:
                 self._cache.pop(flow_id, None)
-                attempts -= isinstance(exc, errors.RevisionMismatch)
-                if attempts == 0 or not (cached or isinstance(exc, errors.RevisionMismatch)):
-                    raise
-                flow = None
+                if not cached:  # lost on the row itself: a race, retried once
+                    if isinstance(exc, errors.FlowNotFound) or attempts == 1:
+                        raise
+                    attempts -= 1
+                flow = None  # (an old copy costs a read, not the retry)
                 continue
             return change.flow
 

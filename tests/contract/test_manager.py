@@ -583,3 +583,13 @@ async def test_on_commit_sees_every_write(store: FlowStore) -> None:
     with pytest.raises(InvalidTransition):
         await manager.start_running(flow.id)
     assert [getattr(c, "flow", None) and c.flow.revision for c in seen] == [0, 1, 2, None]
+
+
+async def test_an_expected_revision_beyond_the_copy_is_checked_on_the_row(
+    store: FlowStore,
+) -> None:
+    mine, other = FlowManager(store), FlowManager(store)
+    flow = await running_flow(mine)  # cached at revision 1
+    await other.update_state(flow.id, {"other": True})
+    flow = await mine.update_state(flow.id, {"mine": True}, expected_revision=2)
+    assert (flow.revision, flow.state_json) == (3, {"n": 0, "other": True, "mine": True})

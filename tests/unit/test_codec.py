@@ -88,6 +88,8 @@ def test_invalid_commands_are_rejected_with_a_token(
     [
         ("cmd", [FID, "update"], b"{nope", "not UTF-8 JSON"),
         ("cmd", [FID, "update"], b"\xff", "not UTF-8 JSON"),
+        ("cmd", [FID, "update"], b'{"patch": {"x": NaN}}', "NaN is not JSON"),
+        ("cmd", [FID, "update"], b'{"patch": {"x": -Infinity}}', "Infinity is not JSON"),
         ("cmd", [FID, "update"], b"{}" + b" " * 2000, "exceeds"),
         ("cmd", [FID, "update"], b"[" * 40 + b"]" * 40, "deeper"),
         ("cmd", [FID, "update"], b"[" * 100_000 + b"]" * 100_000, "deeper"),

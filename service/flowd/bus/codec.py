@@ -166,6 +166,10 @@ def _depth_ok(value: object) -> bool:
     return True
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(data: bytes, max_payload: int) -> object:
     """JSON from ``data`` (empty means ``{}``), or Undecodable."""
     if len(data) > max_payload:
@@ -173,7 +177,7 @@ def parse_json(data: bytes, max_payload: int) -> object:
     if not data.strip():
         return {}
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:

@@ -184,7 +184,7 @@ class NatsBus:
         except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(str(exc)) from exc
 
-    async def relinquish(self, durable: str, held: Sequence[Msg] = ()) -> None:
+    async def relinquish(self, durable: str, held: Sequence[Msg]) -> None:
         """Stop pulling ``durable``: once its open pull request has expired (nothing more
         can arrive here) nak ``held`` (fetched, not settled) and what arrived but was never
         fetched, together in stream order. Whoever pulls next (another replica, after a

@@ -58,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--concurrency", type=int, help="flows applied at once (default 32) [FLOWD_CONCURRENCY]"
     )
-    run.add_argument("--batch", type=int, help="messages per fetch (default 128) [FLOWD_BATCH]")
+    run.add_argument(
+        "--batch",
+        type=int,
+        help="messages in flight per consumer, its max_ack_pending (default 128) [FLOWD_BATCH]",
+    )
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="[FLOWD_LOG_FORMAT]")
     run.add_argument(
         "--no-migrate",

@@ -8,7 +8,6 @@ Stores write these rows in the mutation's transaction; the relay publishes them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -33,13 +32,6 @@ class OutboxMessage:
         if isinstance(self.body, str):
             return self.body
         return jsontext.dumps(self.body)
-
-    def json(self) -> JsonObject:
-        """The body as an object."""
-        if isinstance(self.body, str):
-            data: JsonObject = json.loads(self.body)
-            return data
-        return self.body
 
 
 def snapshot(flow: Flow) -> JsonObject:

@@ -2,7 +2,8 @@
 
 Start-up: (embedded servers) -> PostgreSQL pool -> migrate or check -> NATS, streams and
 consumers -> manager, dispatcher, outbox relay, API, HTTP endpoints. SIGTERM/SIGINT: stop
-fetching, finish the commands in flight, flush the outbox, drain NATS, exit 0.
+fetching, finish the command each flow is applying (hand the rest back to JetStream, in
+order), flush the outbox, drain NATS, exit 0.
 """
 
 from __future__ import annotations

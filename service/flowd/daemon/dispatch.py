@@ -1,16 +1,18 @@
-"""Dispatcher: one fetched batch of commands or observations -> manager -> outcome -> ack.
+"""Dispatcher: commands or observations as they are pulled -> manager -> outcome -> ack.
 
 Per message the path is: decode (bus.codec) -> ``execute`` (FlowManager, idempotent by command
-id, outboxed) -> ack. Messages of one flow run one after another in stream order; different
-flows run concurrently, bounded by a semaphore. How each ending maps to ack / dead letter is
-decided here in one place (``_handle``):
+id, outboxed) -> ack. Messages of one flow run one after another in stream order (a lane);
+different flows run concurrently, bounded by a semaphore. How each ending maps to ack / dead
+letter is decided here in one place (``_handle``):
 
 - applied, unchanged, duplicate -> ack (the outcome is in the outbox already);
 - rejected (a FlowError) -> record the rejection (outboxed ``out.<token>`` message) -> ack;
 - undecodable, or delivered too often without an outcome -> dead letter -> ack;
 - PostgreSQL unreachable -> retried in place with backoff, the message kept in progress; it
-  is never dead-lettered and never overtaken by a later message of the same flow. Only on
-  shutdown is it nak'd, for redelivery.
+  is never dead-lettered and never overtaken by a later message of the same flow. Only when
+  stopping (shutdown, or the partition moved away) is it handed back, with the rest of its
+  lane, in stream order;
+- a crash (a bug) -> nak with a backoff, the rest of its flow's lane after it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from flowd.manager import FlowManager
 
 log = structlog.get_logger("flowd.dispatch")
 Kind = Literal["cmd", "obs"]
+#: How handling a message ended: settled (acked), to be handed back (stopping), or nak'd with
+#: a backoff after a crash.
+Ending = Literal["settled", "back", "crashed"]
 Lane = collections.deque[tuple[Message, codec.Decoded | Exception]]
 
 
@@ -82,7 +87,7 @@ def result_json(result: Flow | FlowStep) -> JsonObject:
 
 
 class Dispatcher:
-    """Applies batches of JetStream messages; see the module docstring for the rules."""
+    """Applies JetStream messages as they arrive; see the module docstring for the rules."""
 
     def __init__(
         self,
@@ -178,14 +183,14 @@ class Dispatcher:
                 msg, decoded = lane[0]
                 if stop() and isinstance(decoded, codec.Decoded):
                     break
-                handled = await self._handle(kind, msg, decoded, stop)
-                if not handled and stop():
+                ending = await self._handle(kind, msg, decoded, stop)
+                if ending == "back":
                     break  # interrupted by the stop (PostgreSQL or NATS away): back it goes
                 lane.popleft()
                 settled()
-                if not handled:
-                    # A crash, nak'd with a backoff: every later message of its flow goes
-                    # back after it, with the same delay, or it would overtake it.
+                if ending == "crashed":
+                    # Nak'd with a backoff: every later message of its flow goes back after
+                    # it, with the same delay, or it would overtake it.
                     while lane:
                         await _settle(lane.popleft()[0].nak(delay=_backoff(msg)))
                         settled()
@@ -199,8 +204,8 @@ class Dispatcher:
         msg: Message,
         decoded: codec.Decoded | Exception,
         stop: Callable[[], bool],
-    ) -> bool:
-        """Settle one message; False if it was handed back for redelivery."""
+    ) -> Ending:
+        """Settle one message, or say why not (see ``Ending``)."""
         started = time.perf_counter()
         delivered = msg.metadata.num_delivered
         cid = decoded.command_id if isinstance(decoded, codec.Decoded | codec.Rejected) else None
@@ -211,10 +216,10 @@ class Dispatcher:
             delivered=delivered,
         )
         if isinstance(decoded, codec.Undecodable):
-            return await self._dead_letter(kind, msg, decoded.reason, bound)
+            return await self._dead_letter(kind, msg, decoded.reason, bound, stop)
         if delivered >= self.max_deliver:
             reason = f"delivered {delivered} times without an outcome"
-            return await self._dead_letter(kind, msg, reason, bound)
+            return await self._dead_letter(kind, msg, reason, bound, stop)
         if isinstance(decoded, codec.Rejected):
             done = await self._with_store(
                 msg,
@@ -224,10 +229,11 @@ class Dispatcher:
                     decoded.command_id, decoded.flow_id, decoded.token, decoded.error
                 ),
             )
-            if done:
-                self._count_rejection(decoded.error.code, bound, decoded.error.message)
-                await _settle(msg.ack())
-            return done
+            if not done:
+                return "back"
+            self._count_rejection(decoded.error.code, bound, decoded.error.message)
+            await _settle(msg.ack())
+            return "settled"
         assert isinstance(decoded, codec.Decoded)
         return await self._apply(kind, msg, decoded, bound, started, stop)
 
@@ -239,7 +245,7 @@ class Dispatcher:
         bound: Any,
         started: float,
         stop: Callable[[], bool],
-    ) -> bool:
+    ) -> Ending:
         outcome: list[str] = []
 
         async def attempt() -> None:
@@ -269,9 +275,9 @@ class Dispatcher:
             bound.exception("command_crashed", verb=cmd.verb)
             self.metrics.inc("commands_crashed_total", kind=kind)
             await _settle(msg.nak(delay=_backoff(msg)))
-            return False
+            return "crashed"
         if not done:
-            return False
+            return "back"
         await _settle(msg.ack())
         status = outcome[0] if outcome else "applied"
         if status == "applied":
@@ -279,7 +285,7 @@ class Dispatcher:
         elif status == "duplicate":
             self.metrics.inc("commands_duplicate_total", kind=kind)
         self.metrics.observe("command_seconds", time.perf_counter() - started)
-        return True
+        return "settled"
 
     async def _with_store(
         self, msg: Message, bound: Any, stop: Callable[[], bool], call: Callable[[], Any]
@@ -300,7 +306,9 @@ class Dispatcher:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _dead_letter(self, kind: Kind, msg: Message, reason: str, bound: Any) -> bool:
+    async def _dead_letter(
+        self, kind: Kind, msg: Message, reason: str, bound: Any, stop: Callable[[], bool]
+    ) -> Ending:
         meta = msg.metadata
         cid = codec.command_id(msg.headers, f"{meta.stream}:{meta.sequence.stream}")
         while True:
@@ -308,13 +316,13 @@ class Dispatcher:
                 await self.bus.dead_letter(msg, kind, reason, cid)
                 break
             except BusUnavailable:
-                if self._stopping.is_set():
-                    return False  # the lane hands it back
+                if stop():
+                    return "back"
                 await asyncio.sleep(0.5)
         await _settle(msg.ack())
         self.metrics.inc("dead_letters_total", kind=kind)
         bound.warning("command_dead_lettered", reason=reason)
-        return True
+        return "settled"
 
     def _count_rejection(self, code: str, bound: Any, message: str, verb: str = "") -> None:
         self.metrics.inc("commands_rejected_total", code=code)
@@ -353,10 +361,10 @@ class _Lanes:
             await self._dispatcher.run_lane(
                 self._kind, lane, self._stop, self._settled, self.handed_back.append
             )
-        except Exception:  # a bug: its messages stay unacked and come back after ack_wait
+        except Exception:  # a bug: its messages go back, in order, after a backoff
             log.exception("lane_crashed", lane=key, unsettled=len(lane))
             while lane:
-                lane.popleft()
+                await _settle(lane.popleft()[0].nak(delay=1))
                 self._settled()
         finally:
             # No await since the lane was last seen empty: a message added from here on

@@ -69,9 +69,10 @@ class FlowStore(Protocol):
     async def drain_outbox(
         self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
     ) -> int:
-        """Hand the oldest unsent outbox messages (in write order) to ``publish`` and delete
-        them once it returns; returns how many. If ``publish`` raises, nothing is deleted.
-        Only one drainer at a time across all processes (others get 0), so order holds."""
+        """Hand the oldest unsent outbox messages (in write order) to ``publish``; returns how
+        many. Once ``publish`` returns they are not handed out again: deleted at once, or
+        (PostgreSQL) by the next call or ``close``. If ``publish`` raises, they stay. Only
+        one drainer at a time across all processes (others get 0), so order holds."""
         ...
 
     async def outbox_backlog(self) -> int:

@@ -184,6 +184,7 @@ NEXT_OUTBOX: Final = """
 WITH sent AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]))
 SELECT id, topic, msg_id, command_id, body FROM outbox
 WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT $2"""
+DELETE_SENT: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 TRY_DRAIN_LOCK: Final = "SELECT pg_try_advisory_lock($1)"
 DRAIN_UNLOCK: Final = "SELECT pg_advisory_unlock($1)"
 ASYNC_COMMIT: Final = "SET synchronous_commit = off"
@@ -768,9 +769,13 @@ class _Drainer:
                 conn.terminate()
 
     async def close(self) -> None:
-        conn, self._conn, self._locked = self._conn, None, False
+        """Delete what the last round published (else it would be sent again), disconnect."""
+        conn, locked, self._conn, self._locked = self._conn, self._locked, None, False
         if conn is not None:
             with contextlib.suppress(Exception):
+                if locked and self._sent:
+                    await asyncio.wait_for(conn.execute(DELETE_SENT, self._sent), 5)
+                    self._sent = []
                 await asyncio.wait_for(conn.close(), 5)
 
 

@@ -65,7 +65,7 @@ class Settings(BaseModel):
     http_host: str = Field("127.0.0.1", description="address of /healthz, /readyz, /metrics")
     http_port: int = Field(8321, ge=0, le=65535, description="port of the HTTP endpoints; 0: off")
     batch: int = Field(128, ge=1, le=4096, description="messages in flight per consumer")
-    concurrency: int = Field(32, ge=1, le=1024, description="flows processed at once")
+    concurrency: int = Field(128, ge=1, le=1024, description="flows processed at once")
     pool_size: int = Field(10, ge=2, le=200, description="PostgreSQL connections")
     flow_cache: int = Field(
         10_000, ge=0, description="flows kept in memory to skip the read before a write; 0: off"

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         help="/healthz /readyz /metrics port, 0 = off (default 8321) [FLOWD_HTTP_PORT]",
     )
     run.add_argument(
-        "--concurrency", type=int, help="flows applied at once (default 32) [FLOWD_CONCURRENCY]"
+        "--concurrency", type=int, help="flows applied at once (default 128) [FLOWD_CONCURRENCY]"
     )
     run.add_argument(
         "--batch",

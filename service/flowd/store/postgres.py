@@ -294,6 +294,8 @@ class PostgresFlowStore:
         self._pool = pool
         self._outbox = outbox
         self._drainer = _Drainer(dsn)
+        self._updates = _GroupCommit(pool, COMMIT_UPDATE)  # see _GroupCommit
+        self._inserts = _GroupCommit(pool, COMMIT_INSERT)
 
     @classmethod
     async def connect(
@@ -399,8 +401,7 @@ class PostgresFlowStore:
         f, expected = change.flow, change.expected_revision
         assert expected is not None
         async with _translated(), _duplicate_on_conflict(command_id):
-            row = await self._pool.fetchrow(
-                COMMIT_UPDATE,
+            row = await self._updates.fetchrow(
                 f.id,
                 expected,
                 command_id,
@@ -425,8 +426,7 @@ class PostgresFlowStore:
     async def _commit_insert(self, change: Change, command_id: str | None) -> None:
         f = change.flow
         async with _translated(), _duplicate_on_conflict(command_id):
-            row = await self._pool.fetchrow(
-                COMMIT_INSERT,
+            row = await self._inserts.fetchrow(
                 f.id,
                 applied_outcome(change),
                 command_id,
@@ -698,6 +698,129 @@ def _step(row: Mapping[str, Any]) -> FlowStep:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+class _GroupCommit:
+    """Group commit for one of the one-statement changes (COMMIT_UPDATE, COMMIT_INSERT).
+
+    One transaction of the kind is in flight at a time. A change that finds none goes out at
+    once, alone: no added latency when idle. Changes arriving meanwhile wait, then go out
+    together: one pipelined round trip and one implicit transaction (asyncpg ``fetchmany``:
+    a Bind/Execute per change, one Sync), so one commit and one WAL flush for up to
+    ``max_batch`` changes. Each statement still decides for itself, as it does alone: a lost
+    compare-and-set or a known command id writes nothing of *that* change and is reported to
+    *its* caller. A batch is ordered by flow id, so two batches lock rows in one order.
+
+    A statement that raises aborts its whole transaction; then each change of it is sent
+    again alone, so one change's error is never another's. A transaction that has been in
+    flight for ``stall`` seconds (say, waiting on a row lock someone else holds) stops
+    counting: the next one may start beside it, up to ``max_open`` at once.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        sql: str,
+        *,
+        max_batch: int = 64,
+        stall: float = 0.05,
+        max_open: int = 4,
+    ) -> None:
+        self._pool = pool
+        self._sql = sql
+        self._max_batch = max_batch
+        self._stall = stall
+        self._max_open = max_open
+        self._started: list[float] = []  # start times of the transactions in flight
+        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches = 0  # transactions of more than one change (tests, metrics)
+
+    async def fetchrow(self, *args: Any) -> Any:
+        """The statement's row for ``args``, committed; or its error."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting and self._free(loop.time()):
+            started = self._begin(loop.time())
+            try:
+                return await self._pool.fetchrow(self._sql, *args)
+            finally:
+                self._end(started)
+        done: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((args, done))
+        self._next()
+        return await done
+
+    def _free(self, now: float) -> bool:
+        """Whether another transaction may start: none in flight that is not stalled."""
+        if len(self._started) >= self._max_open:
+            return False
+        return all(now - t >= self._stall for t in self._started)
+
+    def _begin(self, now: float) -> float:
+        self._started.append(now)
+        return now
+
+    def _end(self, started: float) -> None:
+        self._started.remove(started)
+        self._next()
+
+    def _next(self) -> None:
+        """Send what waits if a transaction may start, else make sure we look again."""
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._free(now):
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            task = loop.create_task(self._run(batch, self._begin(now)))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        elif self._timer is None and len(self._started) < self._max_open:
+            youngest = max(self._started)
+            self._timer = loop.call_at(youngest + self._stall, self._look_again)
+
+    def _look_again(self) -> None:
+        self._timer = None
+        self._next()
+
+    async def _run(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], started: float
+    ) -> None:
+        try:
+            if len(batch) == 1:
+                await self._alone(*batch[0])
+                return
+            batch.sort(key=lambda item: item[0][0])  # $1 is the flow id in both statements
+            try:
+                rows = await self._pool.fetchmany(self._sql, [args for args, _ in batch])
+            except asyncpg.PostgresError:  # one statement failed: nothing of the batch landed
+                await asyncio.gather(*(self._alone(args, done) for args, done in batch))
+                return
+            except Exception as exc:  # the connection, not a statement: everyone's error
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                return
+            self.batches += 1
+            for (_, done), row in zip(batch, rows, strict=True):
+                if not done.done():
+                    done.set_result(row)
+        finally:
+            self._end(started)
+
+    async def _alone(self, args: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+        try:
+            row = await self._pool.fetchrow(self._sql, *args)
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(row)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 class _Drainer:

@@ -1,0 +1,74 @@
+"""Many flows changed at once, on both stores: each change gets its own result.
+
+On PostgreSQL concurrent one-statement commits share transactions (group commit); a lost
+compare-and-set or a known command id must still be reported to its own caller only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flowd import FlowManager, FlowStore, RevisionMismatch
+from flowd.core.errors import DuplicateCommand
+from tests.support.factories import create_input
+
+
+async def test_concurrent_changes_each_get_their_own_result(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store, cache_size=0)
+    flows = await asyncio.gather(
+        *(manager.create_managed(create_input(goal=f"g{n}"), command_id=f"c{n}") for n in range(30))
+    )
+    # All at once: one start with a stale expected revision, one reusing another's command id.
+    results = await asyncio.gather(
+        *(
+            manager.start_running(
+                f.id,
+                command_id="s0" if n == 7 else f"s{n}",
+                expected_revision=5 if n == 3 else None,
+            )
+            for n, f in enumerate(flows)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], RevisionMismatch)
+    assert isinstance(results[7], DuplicateCommand)
+    failed = {3, 7}
+    for n, (flow, result) in enumerate(zip(flows, results, strict=True)):
+        stored = await manager.get(flow.id)
+        if n in failed:
+            assert stored.revision == 0
+            assert stored.status == "created"
+            assert [e.kind for e in await manager.list_events(flow.id)] == ["created"]
+        else:
+            assert not isinstance(result, BaseException)
+            assert result.revision == stored.revision == 1
+            assert stored.status == "running"
+            assert [e.kind for e in await manager.list_events(flow.id)] == ["created", "started"]
+    assert (await outbox_store.get_outcome("s7")) is None
+    assert (await outbox_store.get_outcome("s0"))["flow_id"] == str(flows[0].id)  # type: ignore[index]
+
+
+async def test_concurrent_creates_of_one_id_make_one_flow(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    first = await manager.create_managed(create_input())
+    again = [create_input(id=first.id) for _ in range(3)]
+    fresh = [create_input(goal=f"g{n}") for n in range(5)]
+    results = await asyncio.gather(
+        *(manager.create_managed(data) for data in [*again, *fresh]), return_exceptions=True
+    )
+    assert all(type(r).__name__ == "FlowExists" for r in results[:3])
+    assert not any(isinstance(r, BaseException) for r in results[3:])
+    assert len(await outbox_store.list_flows()) == 6
+
+
+@pytest.mark.parametrize("count", [1, 2, 65])
+async def test_any_number_of_concurrent_changes_lands(outbox_store: FlowStore, count: int) -> None:
+    manager = FlowManager(outbox_store)
+    flows = await asyncio.gather(*(manager.create_managed(create_input()) for _ in range(count)))
+    await asyncio.gather(*(manager.start_running(f.id) for f in flows))
+    await asyncio.gather(*(manager.update_state(f.id, {"n": 1}) for f in flows))
+    stored = await outbox_store.list_flows(limit=1000)
+    assert len(stored) == count
+    assert all(f.revision == 2 and f.state_json == {"n": 1} for f in stored)

@@ -1,0 +1,87 @@
+"""PostgreSQL group commit: changes that wait while a commit is in flight share the next
+transaction; a stalled transaction does not hold the others up; one failing statement
+fails only its own change."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from flowd import FlowManager
+from flowd.core.models import Flow
+from flowd.store.postgres import PostgresFlowStore
+from tests.support.factories import create_input
+
+pytestmark = pytest.mark.postgres
+
+
+@asynccontextmanager
+async def row_locked(dsn: str, flow_id: UUID) -> AsyncIterator[None]:
+    """Another session holds ``flow_id``'s row lock until the block ends."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM flows WHERE id = $1 FOR UPDATE", flow_id)
+            yield
+    finally:
+        await conn.close()
+
+
+async def created(manager: FlowManager, count: int) -> list[Flow]:
+    return [await manager.create_managed(create_input(goal=f"g{n}")) for n in range(count)]
+
+
+async def test_waiting_changes_share_a_transaction_beside_a_stalled_one(
+    pg_store: PostgresFlowStore, database_url: str
+) -> None:
+    manager = FlowManager(pg_store, cache_size=0)
+    blocked, *others = await created(manager, 6)
+    async with row_locked(database_url, blocked.id):
+        first = asyncio.create_task(manager.start_running(blocked.id))
+        await asyncio.sleep(0.02)  # it is in flight, waiting for the row lock
+        assert not first.done()
+        # These wait behind it; once it has stalled they go together, without it.
+        started = await asyncio.wait_for(
+            asyncio.gather(*(manager.start_running(f.id) for f in others)), timeout=5
+        )
+        assert [f.revision for f in started] == [1] * len(others)
+        assert pg_store._updates.batches == 1
+        assert not first.done()
+    assert (await asyncio.wait_for(first, timeout=5)).revision == 1
+
+
+async def test_a_failing_statement_fails_only_its_own_change(
+    pg_store: PostgresFlowStore, database_url: str
+) -> None:
+    manager = FlowManager(pg_store, cache_size=0)
+    blocked, *others, victim = await created(manager, 5)
+    taken = (await manager.list_events(blocked.id))[0].id
+
+    def reuse_an_event_id() -> Iterator[uuid.UUID]:
+        yield taken  # the victim's event gets an id that exists: a unique violation
+        while True:
+            yield uuid.uuid4()
+
+    ids = reuse_an_event_id()
+    clumsy = FlowManager(pg_store, cache_size=0, new_id=lambda: next(ids))
+    async with row_locked(database_url, blocked.id):
+        first = asyncio.create_task(manager.start_running(blocked.id))
+        await asyncio.sleep(0.02)
+        results: list[Any] = await asyncio.gather(
+            *(manager.start_running(f.id) for f in others),
+            clumsy.start_running(victim.id),
+            return_exceptions=True,
+        )
+    await first
+    assert isinstance(results[-1], asyncpg.UniqueViolationError)
+    assert [r.revision for r in results[:-1]] == [1] * len(others)
+    assert (await manager.get(victim.id)).revision == 0
+    assert [e.kind for e in await manager.list_events(victim.id)] == ["created"]
+    assert pg_store._updates.batches == 0  # the shared transaction rolled back, each went alone

@@ -99,6 +99,7 @@ async def _run(args: argparse.Namespace, results: dict[str, Any]) -> bool:
         results["versions"] = await env.versions(servers)
         if servers.data_dir is not None:
             results["disk"] = env.fsync_probe(servers.data_dir)
+        results["wal"] = await env.precondition_wal(servers)
         # e2e carries resources (measured during its saturation run); resources alone runs
         # the saturation part only.
         steps: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []

@@ -22,6 +22,8 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
@@ -31,6 +33,7 @@ from flowbench import profile as pyspy
 from flowbench.context import Context, CpuMeter
 from flowbench.flowd import Flowd, metric_sum
 from flowbench.producers import Job, Message, ProducerGroup, summarize
+from flowbench.quiet import no_gc_pauses
 from flowbench.stats import rate, summary_ms
 from flowd.bus.subjects import Subjects
 
@@ -80,6 +83,23 @@ def build_messages(
                     body = json.dumps(_body(verb, fid, n), separators=(",", ":")).encode()
                     out[p].append((subject, body, f"{tag}-{n}-{verb}"))
     return out
+
+
+def write_latencies(path: Path, got: list[natsutil.Received], latencies: list[float]) -> None:
+    """One line per command, for finding where slow commands spent their time: when it was
+    scheduled, its latency, when flowd applied it (its event's ``at``, flowd's clock; before
+    the commit), its command id, its event's subject."""
+    lines = ["scheduled_unix\tlatency_ms\tapplied_unix\tcommand_id\tsubject\n"]
+    for m, latency in zip(got, latencies, strict=True):
+        try:
+            applied = f"{datetime.fromisoformat(json.loads(m.data)['at']).timestamp():.6f}"
+        except (ValueError, KeyError, TypeError):  # an out.<token> message has no "at"
+            applied = ""
+        scheduled = m.at - latency
+        lines.append(
+            f"{scheduled:.6f}\t{latency * 1000:.3f}\t{applied}\t{m.command_id}\t{m.subject}\n"
+        )
+    path.write_text("".join(lines))
 
 
 def message_sizes(batches: list[list[Message]]) -> dict[str, float]:
@@ -198,13 +218,15 @@ async def paced(
     first = len(recorder.messages)
     cpu = CpuMeter(daemon.pid, ctx.servers)
     cpu.start()
-    t0 = group.go(delay=0.3)
-    complete = await recorder.wait(expected, timeout=sz.latency_seconds + 60, start=first)
+    with no_gc_pauses():
+        t0 = group.go(delay=0.3)
+        complete = await recorder.wait(expected, timeout=sz.latency_seconds + 60, start=first)
     cpu.stop()
     reports = await group.results(timeout=120)
     producers = summarize(reports)
     got = [m for m in recorder.messages[first:] if m.command_id and m.command_id.startswith(tag)]
     latencies = [m.at - int(m.command_id.rsplit("@", 1)[1]) / 1e9 for m in got if m.command_id]
+    write_latencies(ctx.out / f"latency-{tag}.tsv", got, latencies)
     last = max((m.at for m in got), default=t0)
     return {
         "offered_per_s": round(offered, 1),

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+from nats.aio.client import Client
 from nats.js.api import PubAck
+from nats.js.client import JetStreamContext
 
+from flowbench.quiet import no_gc_pauses
 from flowd.bus.subjects import MSG_ID
 
 Message = tuple[str, bytes, str]  # subject, body, command id
@@ -131,6 +134,13 @@ async def _produce(job: Job, pipe: multiprocessing.connection.Connection) -> dic
     cpu_ready = _cpu()  # start-up (imports, connect) is not part of the measurement
     pipe.send("ready")
     t0: float = await asyncio.to_thread(pipe.recv)
+    with no_gc_pauses():
+        return await _send(job, nc, js, t0, cpu_ready)
+
+
+async def _send(
+    job: Job, nc: Client, js: JetStreamContext, t0: float, cpu_ready: float
+) -> dict[str, Any]:
     futures: list[asyncio.Future[PubAck]] = []
     start = t0 + job.offset
     await asyncio.sleep(max(0.0, start - time.time()))

@@ -207,7 +207,8 @@ def targets(sc: dict[str, Any]) -> str:
 
     scripts = sc.get("pgbench", {}).get("scripts", {})
     for name, label in (
-        ("one_statement", "the statement flowd sends"),
+        ("grouped", f"the statement flowd sends, {_group(scripts)} per transaction"),
+        ("one_statement", "the statement flowd sends, one per transaction"),
         ("multi_statement", "the same rows as separate statements"),
     ):
         ratio = scripts.get(name, {}).get("flowd_e2e_over_pgbench")
@@ -260,14 +261,24 @@ def how_run(r: dict[str, Any]) -> str:
             f"- **Disk:** {disk['fdatasync_per_s']:,.0f} fdatasync/s of 8 kB "
             f"({disk['us_per_op']} µs each) in the PostgreSQL data directory's file system"
         )
+    wal = r.get("wal") or {}
+    if wal.get("preconditioned"):
+        lines.append(
+            f"- **WAL warmed up:** before any scenario the harness switched WAL segments "
+            f"{wal.get('segments')} times and checkpointed ({wal.get('seconds')} s), with "
+            "min_wal_size 1GB, so the runs reuse segments as a server in service does. A fresh "
+            "cluster zero-fills and fsyncs each new 16 MB segment while every commit waits "
+            "(16-70 ms at each switch, seen with `pgbench -l`)."
+        )
     lines += [
         "- **Daemon:** `python -m flowd run` subprocess per scenario, own database and subject "
         "prefix, FLOWD_LOG_LEVEL=warning, FLOWD_LOG_FORMAT=json, other settings default "
-        "(FLOWD_BATCH 128, FLOWD_CONCURRENCY 32, FLOWD_POOL_SIZE 10) unless listed below.",
+        "(FLOWD_BATCH 128, FLOWD_CONCURRENCY 128, FLOWD_POOL_SIZE 10) unless listed below.",
         "- **Load:** open loop. Producers are 2 separate processes (multiprocessing, spawn); "
         "every party (producers, harness, flowd, PostgreSQL, nats-server) shares the "
-        "machine's cores, so producers compete with the daemon. Nothing here is asserted: "
-        "the harness only measures.",
+        "machine's cores, so producers compete with the daemon. Producers and harness keep "
+        "their garbage collector off while measuring (bench/flowbench/quiet.py). Nothing here "
+        "is asserted: the harness only measures.",
     ]
     if other is not None:
         lines.append(
@@ -417,12 +428,17 @@ def _pgbench(pg: dict[str, Any], md: Path) -> str:
         f"on a flow in its cache (no read: idempotency record, compare-and-set update, event, "
         f"outbox row; the relay's amortised delete) at {pg['clients']} clients = flowd's pool, "
         f"{pg['seeded_flows']:,} seeded flows, {pg['seconds']} s per script, each on a fresh "
-        "database.",
+        "database. flowd's store commits concurrent changes together (group commit: one "
+        "pipelined transaction for all changes waiting while the previous one was in flight); "
+        f"`command_grouped.sql` does that with {_group(scripts)} commands per transaction (it is "
+        "generated from `command_one_statement.sql` into the output directory).",
         "",
         table(
             [
                 "script",
+                "commands / transaction",
                 "tps",
+                "**commands/s**",
                 "latency avg ms",
                 "transactions",
                 "failed",
@@ -432,8 +448,10 @@ def _pgbench(pg: dict[str, Any], md: Path) -> str:
             ],
             [
                 [
-                    f"[{r['script']}]({_rel(r['script'], md)})",
+                    f"[{Path(r['script']).name}]({_rel(r['script'], md)})",
+                    r.get("commands_per_transaction", 1),
                     r["tps"],
+                    r.get("commands_per_s", r["tps"]),
                     r["latency_avg_ms"],
                     r["transactions"],
                     r["failed"],
@@ -460,6 +478,10 @@ def _pgbench(pg: dict[str, Any], md: Path) -> str:
             "",
         ]
     return "\n".join(out)
+
+
+def _group(scripts: dict[str, Any]) -> int:
+    return int(scripts.get("grouped", {}).get("commands_per_transaction", 1))
 
 
 def _cpu_split(cpu: dict[str, float] | None) -> str:

@@ -226,6 +226,20 @@ class NatsBus:
         async with self._translated():
             await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
 
+    async def nudge_relay(self) -> None:
+        """Tell the replica holding the relay lock that this one committed outbox rows."""
+        async with self._translated():
+            await self.nc.publish(self.subjects.relay_nudge, b"")
+
+    async def on_relay_nudge(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on every replica's ``nudge_relay`` (this one's included)."""
+
+        async def nudged(msg: Msg) -> None:
+            callback()
+
+        async with self._translated():
+            await self.nc.subscribe(self.subjects.relay_nudge, cb=nudged)
+
     async def serve(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
         """Serve requests on ``subject`` in the shared queue group."""
         async with self._translated():

@@ -105,6 +105,11 @@ class Subjects:
         return f"{self.prefix}.wake.>"
 
     @property
+    def relay_nudge(self) -> str:
+        """Core NATS, flowd to flowd: rows wait in the outbox; the relay lock holder drains."""
+        return f"{self.prefix}.relay"
+
+    @property
     def api_all(self) -> str:
         return f"{self.prefix}.api.>"
 

@@ -152,6 +152,7 @@ class Daemon:
         )
         api = Api(manager, bus, m, max_payload=s.max_payload)
         await api.start()
+        await relay.start()
 
         async def ready() -> str | None:
             try:

@@ -1,9 +1,12 @@
 """OutboxRelay: publishes outbox rows to JetStream, in order, and deletes them once acked.
 
-Woken right after local commits (low latency) and polling every ``interval`` for rows written
-by other replicas or left by a crash. Only one relay publishes at a time across replicas (the
-store's drain lock). A failed publish deletes nothing: the rows are re-sent later with the
-same ``Nats-Msg-Id``, which JetStream drops if the first send had landed.
+Woken right after local commits (low latency) and polling every ``interval`` for rows left
+by a crash. Only one relay publishes at a time across replicas (the store's drain lock). A
+replica whose relay does not hold the lock does not try it after each commit (a wasted round
+trip); it nudges the holder over NATS (``P.relay``) instead, so its rows leave at once too,
+and tries the lock again on its poll (taking over if the holder died). A failed publish
+deletes nothing: the rows are re-sent later with the same ``Nats-Msg-Id``, which JetStream
+drops if the first send had landed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ class OutboxRelay:
         """Ask for a drain now (called after local commits)."""
         self._wake.set()
 
+    def nudged(self) -> None:
+        """Another replica committed outbox rows: drain now, unless another replica holds
+        the drain lock (then it was nudged too, and this relay has nothing to do)."""
+        if not self.store.outbox_drained_elsewhere():
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Listen for other replicas' nudges."""
+        await self.bus.on_relay_nudge(self.nudged)
+
     async def _publish(self, batch: list[OutboxMessage]) -> None:
         await self.bus.publish_outbox(batch)
         self.metrics.inc("outbox_published_total", len(batch))
@@ -60,12 +73,16 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set, then flush for up to 10 s."""
         backoff = self.interval
+        woken = False
         while not stop.is_set():
             # Cleared before draining, not after: a commit landing during the drain sets it
             # again, and its rows leave right after this drain, not at the next poll.
             self._wake.clear()
             try:
-                await self.drain_once()
+                if woken and self.store.outbox_drained_elsewhere():
+                    await self.bus.nudge_relay()  # the holder drains; the poll tries the lock
+                else:
+                    await self.drain_once()
                 backoff = self.interval
             except (errors.StoreUnavailable, BusUnavailable) as exc:
                 self.metrics.inc("outbox_errors_total")
@@ -80,6 +97,7 @@ class OutboxRelay:
             finally:
                 waiter.cancel()
                 stopper.cancel()
+            woken = self._wake.is_set()
         await self.flush(seconds=10)
 
     async def flush(self, seconds: float) -> None:

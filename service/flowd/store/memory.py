@@ -99,6 +99,9 @@ class InMemoryFlowStore:
                 del self._outbox[: len(batch)]
             return len(batch)
 
+    def outbox_drained_elsewhere(self) -> bool:
+        return False  # one process: nobody else drains
+
     async def outbox_backlog(self) -> int:
         return len(self._outbox or ())
 

@@ -75,6 +75,11 @@ class FlowStore(Protocol):
         one drainer at a time across all processes (others get 0), so order holds."""
         ...
 
+    def outbox_drained_elsewhere(self) -> bool:
+        """Whether the last ``drain_outbox`` found another process holding the drain lock:
+        that process publishes this one's rows too (and should be told there are some)."""
+        ...
+
     async def outbox_backlog(self) -> int:
         """How many outbox messages wait to be published."""
         ...

@@ -569,6 +569,9 @@ class PostgresFlowStore:
         are none, or another relay (this process's or another's) is draining."""
         return await self._drainer.drain(publish, limit)
 
+    def outbox_drained_elsewhere(self) -> bool:
+        return self._drainer.elsewhere
+
     async def outbox_backlog(self) -> int:
         async with _translated():
             count: int = await self._pool.fetchval(COUNT_OUTBOX)
@@ -833,6 +836,7 @@ class _Drainer:
         self._locked = False
         self._sent: list[int] = []
         self._busy = asyncio.Lock()
+        self.elsewhere = False  # the last try found the drain lock held by another session
 
     async def drain(
         self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], limit: int
@@ -872,6 +876,7 @@ class _Drainer:
                     await self._conn.execute(ASYNC_COMMIT)
                 if not self._locked:
                     self._locked = await self._conn.fetchval(TRY_DRAIN_LOCK, OUTBOX_LOCK_KEY)
+                    self.elsewhere = not self._locked
             except BaseException:
                 await self._drop()
                 raise
@@ -886,7 +891,7 @@ class _Drainer:
                 await self._drop()
 
     async def _drop(self) -> None:
-        conn, self._conn, self._locked = self._conn, None, False
+        conn, self._conn, self._locked, self.elsewhere = self._conn, None, False, False
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.terminate()

@@ -7,11 +7,14 @@ compare-and-set or a known command id must still be reported to its own caller o
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from flowd import FlowManager, FlowStore, RevisionMismatch
 from flowd.core.errors import DuplicateCommand
+from flowd.core.models import StepObservation
+from flowd.core.status import FlowStepStatus
 from tests.support.factories import create_input
 
 
@@ -72,3 +75,48 @@ async def test_any_number_of_concurrent_changes_lands(outbox_store: FlowStore, c
     stored = await outbox_store.list_flows(limit=1000)
     assert len(stored) == count
     assert all(f.revision == 2 and f.state_json == {"n": 1} for f in stored)
+
+
+async def test_concurrent_observations_each_land_on_their_own_flow(
+    outbox_store: FlowStore,
+) -> None:
+    manager = FlowManager(outbox_store, cache_size=0)
+    flows = await asyncio.gather(
+        *(manager.create_mirrored(create_input(goal=f"m{n}")) for n in range(20))
+    )
+
+    def observe(n: int, command_id: str) -> Any:
+        report = StepObservation(
+            flow_id=flows[n].id, run_id=f"r{n}", task="build", status=FlowStepStatus.RUNNING
+        )
+        return manager.record_step_observation(report, command_id=command_id)
+
+    results = await asyncio.gather(
+        *(observe(n, "o0" if n == 5 else f"o{n}") for n in range(20)), return_exceptions=True
+    )
+    assert isinstance(results[5], DuplicateCommand)
+    for n, flow in enumerate(flows):
+        steps = await manager.list_steps(flow.id)
+        kinds = [e.kind for e in await manager.list_events(flow.id)]
+        if n == 5:
+            assert steps == []
+            assert kinds == ["created", "started"]
+            continue
+        assert [(s.run_id, s.status) for s in steps] == [(f"r{n}", "running")]
+        assert steps[0] == results[n]
+        assert kinds == ["created", "started", "step_observed"]
+    # and a later report on each (an update of the row, not a second step)
+    done = await asyncio.gather(
+        *(
+            manager.record_step_observation(
+                StepObservation(
+                    flow_id=f.id, run_id=f"r{n}", task="build", status=FlowStepStatus.SUCCEEDED
+                )
+            )
+            for n, f in enumerate(flows)
+            if n != 5
+        )
+    )
+    assert all(s.status == "succeeded" for s in done)
+    for n, f in enumerate(flows):
+        assert len(await manager.list_steps(f.id)) == (0 if n == 5 else 1)

@@ -95,6 +95,21 @@ SELECT (SELECT count(*) FROM upd) AS written,
        (SELECT revision FROM flows WHERE id = $1) AS seen,
        ($3::text IS NOT NULL
         AND EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3)) AS duplicate"""
+# COMMIT_UPDATE plus the step a mirrored flow's observation upserts (same rules: written
+# only if the flow row was).
+COMMIT_STEP: Final = COMMIT_UPDATE.replace(
+    "\n), wc AS (",
+    """
+), st AS (
+    INSERT INTO flow_steps (id, flow_id, run_id, task, status, child_session_key, result_json,
+                            created_at, updated_at)
+    SELECT $23, upd.id, $24, $25, $26, $27, $28, $29, $30 FROM upd
+    ON CONFLICT (flow_id, run_id) DO UPDATE SET task = EXCLUDED.task,
+        status = EXCLUDED.status, child_session_key = EXCLUDED.child_session_key,
+        result_json = EXCLUDED.result_json, updated_at = EXCLUDED.updated_at
+), wc AS (""",
+    1,
+)
 COMMIT_INSERT: Final = """
 WITH ins AS (
     INSERT INTO flows (id, controller_id, goal, owner_session_key, requester_origin,
@@ -296,6 +311,7 @@ class PostgresFlowStore:
         self._drainer = _Drainer(dsn)
         self._updates = _GroupCommit(pool, COMMIT_UPDATE)  # see _GroupCommit
         self._inserts = _GroupCommit(pool, COMMIT_INSERT)
+        self._steps = _GroupCommit(pool, COMMIT_STEP)
 
     @classmethod
     async def connect(
@@ -372,11 +388,12 @@ class PostgresFlowStore:
         return None if row is None else _step(row)
 
     async def commit(self, change: Change, *, command_id: str | None = None) -> None:
-        if change.step is None and change.signal is None and change.consumed_signal is None:
-            if change.expected_revision is None:
+        if change.signal is None and change.consumed_signal is None:
+            if change.expected_revision is None and change.step is None:
                 await self._commit_insert(change, command_id)
                 return
-            if not change.conditions:  # None (untouched) or () (cleared)
+            if change.expected_revision is not None and not change.conditions:
+                # conditions None (untouched) or () (cleared); maybe a step
                 await self._commit_update(change, command_id)
                 return
         await self._commit_tx(change, command_id)
@@ -400,8 +417,21 @@ class PostgresFlowStore:
     async def _commit_update(self, change: Change, command_id: str | None) -> None:
         f, expected = change.flow, change.expected_revision
         assert expected is not None
+        step: list[Any] = []
+        if (st := change.step) is not None:
+            step = [
+                st.id,
+                st.run_id,
+                st.task,
+                st.status.value,
+                st.child_session_key,
+                st.result_json,
+                st.created_at,
+                st.updated_at,
+            ]
+        statement = self._steps if step else self._updates
         async with _translated(), _duplicate_on_conflict(command_id):
-            row = await self._updates.fetchrow(
+            row = await statement.fetchrow(
                 f.id,
                 expected,
                 command_id,
@@ -415,6 +445,7 @@ class PostgresFlowStore:
                 applied_outcome(change),
                 *self._event_and_outbox_args(change, command_id),
                 change.conditions == (),
+                *step,
             )
         if await self._written(row, command_id):
             return

@@ -22,9 +22,9 @@ POLL = 3600.0  # no poll within the test: only a wake or a nudge can publish
 
 
 class Replica:
-    def __init__(self, store: PostgresFlowStore, bus: NatsBus) -> None:
+    def __init__(self, store: PostgresFlowStore, bus: NatsBus, interval: float = POLL) -> None:
         self.store, self.bus = store, bus
-        self.relay = OutboxRelay(store, bus, Metrics(), interval=POLL)
+        self.relay = OutboxRelay(store, bus, Metrics(), interval=interval)
         self.manager = FlowManager(store, on_commit=lambda _: self.relay.wake())
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -33,23 +33,28 @@ class Replica:
         await self.relay.start()
         self.task = asyncio.create_task(self.relay.run(self.stop))
 
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, timeout=15)
+        await self.bus.close()
+        await self.store.close()
+
+
+async def replica(database_url: str, nats_url: str, prefix: str, interval: float) -> Replica:
+    store = await PostgresFlowStore.connect(database_url, outbox=True)
+    bus = await NatsBus(await connect(nats_url), Subjects(prefix), StreamLimits()).ensure()
+    return Replica(store, bus, interval)
+
 
 @pytest.fixture
 async def replicas(
     database_url: str, nats_url: str, prefix: str
 ) -> AsyncIterator[tuple[Replica, Replica]]:
-    made: list[Replica] = []
-    for _ in range(2):
-        store = await PostgresFlowStore.connect(database_url, outbox=True)
-        bus = await NatsBus(await connect(nats_url), Subjects(prefix), StreamLimits()).ensure()
-        made.append(Replica(store, bus))
+    made = [await replica(database_url, nats_url, prefix, POLL) for _ in range(2)]
     yield made[0], made[1]
     for r in made:
-        r.stop.set()
-        if r.task is not None:
-            await asyncio.wait_for(r.task, timeout=15)
-        await r.bus.close()
-        await r.store.close()
+        await r.close()
 
 
 async def events_of(bus: NatsBus, prefix: str, count: int) -> list[str]:
@@ -61,20 +66,24 @@ async def events_of(bus: NatsBus, prefix: str, count: int) -> list[str]:
         await sub.unsubscribe()
 
 
-async def test_the_replica_without_the_lock_nudges_the_holder(
-    replicas: tuple[Replica, Replica], prefix: str
-) -> None:
-    holder, other = replicas
+async def start_with_lock_held(holder: Replica, other: Replica, prefix: str) -> None:
+    """Start both; ``holder`` drains first and keeps the drain lock, ``other`` finds it held."""
     await holder.start()
     await holder.manager.create_managed(create_input(goal="first"))
     assert await events_of(holder.bus, prefix, 1)  # the holder drained: it has the lock
     await other.start()
-    # The other replica's first drain finds the lock taken; from then on it nudges.
-    for _ in range(100):
+    for _ in range(100):  # the other's first drain finds the lock taken; then it nudges
         if other.store.outbox_drained_elsewhere():
             break
         await asyncio.sleep(0.05)
     assert other.store.outbox_drained_elsewhere()
+
+
+async def test_the_replica_without_the_lock_nudges_the_holder(
+    replicas: tuple[Replica, Replica], prefix: str
+) -> None:
+    holder, other = replicas
+    await start_with_lock_held(holder, other, prefix)
     flow = await other.manager.create_managed(create_input(goal="second"))
     subjects = await events_of(holder.bus, prefix, 2)
     assert subjects[1] == f"{prefix}.evt.{flow.id}.created"
@@ -92,3 +101,32 @@ async def test_a_nudge_without_a_holder_elsewhere_drains_here(
     only.relay.nudged()  # as another replica's nudge would: it drains
     assert await events_of(only.bus, prefix, 1)
     assert not only.store.outbox_drained_elsewhere()
+
+
+async def test_a_busy_replica_takes_over_when_the_holder_goes(
+    database_url: str, nats_url: str, prefix: str
+) -> None:
+    holder = await replica(database_url, nats_url, prefix, POLL)
+    busy = await replica(database_url, nats_url, prefix, 0.3)
+    try:
+        await start_with_lock_held(holder, busy, prefix)
+        await holder.close()  # its session, and the drain lock with it, is gone
+        done = asyncio.Event()
+
+        async def commit_often() -> int:  # woken every 50 ms: its poll never times out
+            n = 0
+            while not done.is_set() and n < 600:
+                await busy.manager.create_managed(create_input(goal=f"g{n}"))
+                n += 1
+                await asyncio.sleep(0.05)
+            return n
+
+        committing = asyncio.create_task(commit_often())
+        await events_of(busy.bus, prefix, 11)  # its own events, published while still busy
+        assert not committing.done()
+        done.set()
+        await committing
+        assert not busy.store.outbox_drained_elsewhere()
+        assert busy.relay.metrics.value("outbox_published_total") >= 10
+    finally:
+        await busy.close()

@@ -4,7 +4,9 @@ Woken right after local commits (low latency) and polling every ``interval`` for
 by a crash. Only one relay publishes at a time across replicas (the store's drain lock). A
 replica whose relay does not hold the lock does not try it after each commit (a wasted round
 trip); it nudges the holder over NATS (``P.relay``) instead, so its rows leave at once too,
-and tries the lock again on its poll (taking over if the holder died). A failed publish
+and tries the lock again once per ``interval`` however often it is woken (taking over
+within it if the holder died or let go). A nudge is core NATS: one lost in a reconnect
+leaves those rows for the holder's next poll. A failed publish
 deletes nothing: the rows are re-sent later with the same ``Nats-Msg-Id``, which JetStream
 drops if the first send had landed.
 """
@@ -72,17 +74,22 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set, then flush for up to 10 s."""
+        loop = asyncio.get_running_loop()
         backoff = self.interval
         woken = False
+        tried = -float("inf")  # when this relay last tried to drain (and so the lock)
         while not stop.is_set():
             # Cleared before draining, not after: a commit landing during the drain sets it
             # again, and its rows leave right after this drain, not at the next poll.
             self._wake.clear()
             try:
-                if woken and self.store.outbox_drained_elsewhere():
-                    await self.bus.nudge_relay()  # the holder drains; the poll tries the lock
-                else:
+                # Without the lock, drain (try the lock) only once per interval: a holder that
+                # died or let go is taken over within it, however busy this replica is.
+                if not self.store.outbox_drained_elsewhere() or loop.time() - tried >= backoff:
+                    tried = loop.time()
                     await self.drain_once()
+                if woken and self.store.outbox_drained_elsewhere():
+                    await self.bus.nudge_relay()  # the holder drains our rows now
                 backoff = self.interval
             except (errors.StoreUnavailable, BusUnavailable) as exc:
                 self.metrics.inc("outbox_errors_total")
@@ -104,9 +111,13 @@ class OutboxRelay:
         """Drain what is left, giving up after ``seconds`` (rows stay for later)."""
         try:
             async with asyncio.timeout(seconds):
+                nudged = False
                 while True:
                     try:
                         await self.drain_once()
+                        if not nudged and self.store.outbox_drained_elsewhere():
+                            await self.bus.nudge_relay()  # our last commits, if not yet
+                            nudged = True
                         if await self.store.outbox_backlog() == 0:
                             return
                     except (errors.StoreUnavailable, BusUnavailable):

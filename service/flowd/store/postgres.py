@@ -735,7 +735,8 @@ def _step(row: Mapping[str, Any]) -> FlowStep:
 
 
 class _GroupCommit:
-    """Group commit for one of the one-statement changes (COMMIT_UPDATE, COMMIT_INSERT).
+    """Group commit for one of the one-statement changes (COMMIT_UPDATE, COMMIT_INSERT,
+    COMMIT_STEP).
 
     One transaction of the kind is in flight at a time. A change that finds none goes out at
     once, alone: no added latency when idle. Changes arriving meanwhile wait, then go out
@@ -748,7 +749,10 @@ class _GroupCommit:
     A statement that raises aborts its whole transaction; then each change of it is sent
     again alone, so one change's error is never another's. A transaction that has been in
     flight for ``stall`` seconds (say, waiting on a row lock someone else holds) stops
-    counting: the next one may start beside it, up to ``max_open`` at once.
+    counting: the next one may start beside it, up to ``max_open`` at once. The other
+    changes of a stalled batch wait with it, though: a long lock on one flow's row (a big
+    prune, a manual ``SELECT … FOR UPDATE``) delays the changes that shared its batch.
+    A caller cancelled before its batch was sent is dropped from it.
     """
 
     def __init__(
@@ -804,6 +808,9 @@ class _GroupCommit:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        self._waiting = [item for item in self._waiting if not item[1].done()]  # cancelled
+        if not self._waiting:
+            return
         if self._free(now):
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
@@ -828,7 +835,10 @@ class _GroupCommit:
             batch.sort(key=lambda item: item[0][0])  # $1 is the flow id in both statements
             try:
                 rows = await self._pool.fetchmany(self._sql, [args for args, _ in batch])
-            except asyncpg.PostgresError:  # one statement failed: nothing of the batch landed
+            except asyncpg.PostgresError:
+                # One statement failed, or one change's values could not be encoded (asyncpg
+                # raises DataError, a PostgresError, for that too): nothing of the batch
+                # landed; each change goes alone, so each gets only its own error.
                 await asyncio.gather(*(self._alone(args, done) for args, done in batch))
                 return
             except Exception as exc:  # the connection, not a statement: everyone's error

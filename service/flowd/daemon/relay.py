@@ -6,9 +6,9 @@ replica whose relay does not hold the lock does not try it after each commit (a 
 trip); it nudges the holder over NATS (``P.relay``) instead, so its rows leave at once too,
 and tries the lock again once per ``interval`` however often it is woken (taking over
 within it if the holder died or let go). A nudge is core NATS: one lost in a reconnect
-leaves those rows for the holder's next poll. A failed publish
-deletes nothing: the rows are re-sent later with the same ``Nats-Msg-Id``, which JetStream
-drops if the first send had landed.
+leaves those rows for the holder's next poll. A failed publish deletes nothing: the rows
+are re-sent later with the same ``Nats-Msg-Id``, which JetStream drops if the first send
+had landed.
 """
 
 from __future__ import annotations

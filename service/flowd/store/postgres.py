@@ -808,12 +808,12 @@ class _GroupCommit:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._waiting = [item for item in self._waiting if not item[1].done()]  # cancelled
-        if not self._waiting:
-            return
         if self._free(now):
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
+            batch = [item for item in self._waiting[: self._max_batch] if not item[1].done()]
+            del self._waiting[: self._max_batch]  # a done future here: its caller was cancelled
+            if not batch:
+                self._next()
+                return
             task = loop.create_task(self._run(batch, self._begin(now)))
             _background.add(task)
             task.add_done_callback(_background.discard)
@@ -843,13 +843,11 @@ class _GroupCommit:
                 return
             except Exception as exc:  # the connection, not a statement: everyone's error
                 for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                    _resolve(done, exc)
                 return
             self.batches += 1
             for (_, done), row in zip(batch, rows, strict=True):
-                if not done.done():
-                    done.set_result(row)
+                _resolve(done, row)
         finally:
             self._end(started)
 
@@ -857,11 +855,19 @@ class _GroupCommit:
         try:
             row = await self._pool.fetchrow(self._sql, *args)
         except Exception as exc:
-            if not done.done():
-                done.set_exception(exc)
+            _resolve(done, exc)
         else:
-            if not done.done():
-                done.set_result(row)
+            _resolve(done, row)
+
+
+def _resolve(done: asyncio.Future[Any], outcome: Any) -> None:
+    """Hand a waiting caller its row, or its error (unless it stopped waiting)."""
+    if done.done():
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 _background: set[asyncio.Task[None]] = set()

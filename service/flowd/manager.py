@@ -360,13 +360,14 @@ class FlowManager:
             except errors.StoreUnavailable:
                 raise
             except errors.FlowError:
-                if cached:
-                    flow = None  # refused on a copy (perhaps only the copy is old): ask the row
-                    continue
-                raise
+                if not cached:
+                    raise
+                change = None
             if change is None:
                 if cached:
-                    flow = None  # nothing to do, says the copy: ask the row
+                    # refused, or nothing to do, says the copy (perhaps only the copy is
+                    # old): ask the row
+                    flow = None
                     continue
                 await self._unchanged(flow, command_id)
                 return flow

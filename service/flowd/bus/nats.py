@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from nats.js import api
 
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
+from flowd.core import jsontext
 from flowd.core.outbox import OutboxMessage
 
 Message = Msg
@@ -300,6 +300,8 @@ class _Pull:
 
     @classmethod
     async def start(cls, nc: Client, stream: str, durable: str) -> _Pull:
+        # The default API prefix, as NatsBus's nc.jetstream() uses: a JetStream domain would
+        # need its own prefix here as well.
         pull = cls(nc, f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}")
         pull._sub = await nc.subscribe(pull._inbox, cb=pull._arrived)
         return pull
@@ -312,7 +314,7 @@ class _Pull:
         if self._queue.empty():
             if self._open <= 0 or loop.time() >= self._until:
                 request = {"batch": batch, "expires": int(wait * 1e9)}
-                await self._nc.publish(self._next, json.dumps(request).encode(), self._inbox)
+                await self._nc.publish(self._next, jsontext.dumps(request).encode(), self._inbox)
                 self._open, self._until = batch, loop.time() + wait
             try:
                 first = await asyncio.wait_for(self._queue.get(), self._until - loop.time() + 0.1)
@@ -326,7 +328,7 @@ class _Pull:
             arrived.append(self._queue.get_nowait())
         msgs, refused = [], ""
         for msg in arrived:
-            status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+            status = _status(msg)
             if status is None:
                 msgs.append(msg)
                 self._open -= 1
@@ -347,7 +349,7 @@ class _Pull:
         back = list(held)
         while not self._queue.empty():
             msg = self._queue.get_nowait()
-            if not (msg.headers and msg.headers.get(api.Header.STATUS)):
+            if not _status(msg):
                 back.append(msg)
         for msg in sorted(back, key=lambda m: m.metadata.sequence.stream):
             with contextlib.suppress(Exception):  # unacked, it comes back anyway
@@ -355,3 +357,9 @@ class _Pull:
 
     async def close(self) -> None:
         await self._sub.unsubscribe()
+
+
+def _status(msg: Msg) -> str | None:
+    """A pull request's status header (408 expired, 409 refused, 100 heartbeat), or None for a
+    stream message."""
+    return msg.headers.get(api.Header.STATUS) if msg.headers else None

@@ -125,6 +125,8 @@ class Dispatcher:
         ``partitioned``: the stored subjects carry a partition token after ``cmd``/``obs``."""
         stop = _any_event(self._stopping, release)
         lanes = _Lanes(self, kind, stop)
+        # the subject's tokens after "<prefix>.<kind>." (and the partition token, if any)
+        path_at, first_token = len(self.bus.subjects.prefix) + len(kind) + 2, int(partitioned)
         try:
             while not stop():
                 try:
@@ -133,7 +135,7 @@ class Dispatcher:
                         continue
                     msgs = await self.bus.fetch(durable, batch, wait=0.5)
                     for msg in msgs:
-                        lanes.add(*self._decode(kind, msg, partitioned), msg)
+                        lanes.add(*self._decode(kind, msg, path_at, first_token), msg)
                     idle = drain and not msgs and lanes.idle
                     if idle and await self.bus.pending(durable) == (0, 0):
                         return
@@ -146,16 +148,15 @@ class Dispatcher:
             await self.bus.relinquish(durable, lanes.handed_back)
 
     def _decode(
-        self, kind: Kind, msg: Message, partitioned: bool
+        self, kind: Kind, msg: Message, path_at: int, first_token: int
     ) -> tuple[str, codec.Decoded | Exception]:
         """Its lane (its flow, else its command id) and the message decoded, or why not."""
         meta = msg.metadata
         fallback = f"{meta.stream}:{meta.sequence.stream}"
-        prefix_len = len(self.bus.subjects.prefix) + 1 + len(kind) + 1
         try:
             ok = codec.decode(
                 kind,
-                msg.subject[prefix_len:].split(".")[1 if partitioned else 0 :],
+                msg.subject[path_at:].split(".")[first_token:],
                 msg.headers,
                 msg.data,
                 fallback_id=fallback,
@@ -191,9 +192,7 @@ class Dispatcher:
                 if ending == "crashed":
                     # Nak'd with a backoff: every later message of its flow goes back after
                     # it, with the same delay, or it would overtake it.
-                    while lane:
-                        await _settle(lane.popleft()[0].nak(delay=_backoff(msg)))
-                        settled()
+                    await _nak_all(lane, _backoff(msg), settled)
             while lane:
                 hand_back(lane.popleft()[0])
                 settled()
@@ -339,15 +338,18 @@ class _Lanes:
         self._lanes: dict[str, Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
-        self.in_flight = 0
         self.handed_back: list[Message] = []
 
     @property
     def idle(self) -> bool:
         return not self._lanes
 
+    @property
+    def in_flight(self) -> int:
+        """Messages taken and not yet settled (acked, nak'd or handed back)."""
+        return sum(map(len, self._lanes.values()))
+
     def add(self, key: str, decoded: codec.Decoded | Exception, msg: Message) -> None:
-        self.in_flight += 1
         if (lane := self._lanes.get(key)) is not None:
             lane.append((msg, decoded))  # its flow's lane is running: it comes next
             return
@@ -363,16 +365,13 @@ class _Lanes:
             )
         except Exception:  # a bug: its messages go back, in order, after a backoff
             log.exception("lane_crashed", lane=key, unsettled=len(lane))
-            while lane:
-                await _settle(lane.popleft()[0].nak(delay=1))
-                self._settled()
+            await _nak_all(lane, 1, self._settled)
         finally:
             # No await since the lane was last seen empty: a message added from here on
             # starts a new lane, which runs after this one.
             del self._lanes[key]
 
     def _settled(self) -> None:
-        self.in_flight -= 1
         self._room.set()
 
     async def wait_for_room(self, timeout: float) -> None:
@@ -383,6 +382,14 @@ class _Lanes:
     async def join(self) -> None:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _nak_all(lane: Lane, delay: float, settled: Callable[[], None]) -> None:
+    """Nak what is left in ``lane``, in order, each back after ``delay`` seconds."""
+    while lane:
+        await _settle(lane[0][0].nak(delay=delay))
+        lane.popleft()
+        settled()
 
 
 def _backoff(msg: Message) -> float:

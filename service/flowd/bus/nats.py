@@ -11,11 +11,12 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -26,6 +27,18 @@ from flowd.core import jsontext
 from flowd.core.outbox import OutboxMessage
 
 Message = Msg
+log = structlog.get_logger("flowd.bus")
+
+#: Seconds beyond a consumer's ack wait after which JetStream surely redelivers what a
+#: process had been delivered and did not settle (the server's timer may fire a little late).
+REDELIVERY_GRACE = 5.0
+
+#: How a consumer's messages are kept from overtaking earlier ones still owed (``_Pull``):
+#: a jump in its delivery sequence means deliveries were lost on "any" jump (this process is
+#: the consumer's only puller: a partition) or on a jump "across_reconnect" (others may pull
+#: the same consumer, so a jump alone proves nothing); "ignore": order does not matter
+#: (creates without a flow id, wake messages), neither lost nor owed messages are waited for.
+Gaps = Literal["any", "across_reconnect", "ignore"]
 
 
 class BusUnavailable(Exception):
@@ -146,20 +159,19 @@ class NatsBus:
                     await self.js.add_stream(config)
                 except nats.js.errors.BadRequestError:
                     await self.js.update_stream(config)
-            consumers: list[tuple[str, str, str | None]] = [(s.wake_stream, s.wake_consumer, None)]
+            consumers: list[tuple[str, str, str | None, Gaps]] = [
+                (s.wake_stream, s.wake_consumer, None, "ignore")
+            ]
             if s.partitioned:
-                consumers.append((s.cmd_stream, s.create_consumer, s.create()))
+                consumers.append((s.cmd_stream, s.create_consumer, s.create(), "ignore"))
                 for p in range(s.partitions):
-                    consumers.append(
-                        (s.cmd_stream, s.consumer("cmd", p), s.partition_filter("cmd", p))
-                    )
-                    consumers.append(
-                        (s.obs_stream, s.consumer("obs", p), s.partition_filter("obs", p))
-                    )
+                    for kind, stream in (("cmd", s.cmd_stream), ("obs", s.obs_stream)):
+                        where = s.partition_filter(kind, p)
+                        consumers.append((stream, s.consumer(kind, p), where, "any"))
             else:
-                consumers.append((s.cmd_stream, s.cmd_consumer, None))
-                consumers.append((s.obs_stream, s.obs_consumer, None))
-            for stream, durable, subject_filter in consumers:
+                consumers.append((s.cmd_stream, s.cmd_consumer, None, "across_reconnect"))
+                consumers.append((s.obs_stream, s.obs_consumer, None, "across_reconnect"))
+            for stream, durable, subject_filter, gaps in consumers:
                 consumer = api.ConsumerConfig(
                     durable_name=durable,
                     filter_subject=subject_filter,
@@ -172,7 +184,8 @@ class NatsBus:
                 )
                 await self.js.add_consumer(stream, consumer)
                 if durable not in self._subs:
-                    self._subs[durable] = await _Pull.start(self.nc, stream, durable)
+                    pull = _Pull(self.nc, stream, durable, gaps=gaps, ack_wait=lim.ack_wait)
+                    self._subs[durable] = await pull.start()
                 self._streams[durable] = stream
         return self
 
@@ -192,6 +205,18 @@ class NatsBus:
         at once, and a message nak'd while a pull request is open could come straight back
         behind a later one of its flow."""
         await self._subs[durable].relinquish(held)
+
+    async def expect_redeliveries(self, durable: str) -> int:
+        """Before pulling ``durable`` (just taken over, or just started after a crash): its
+        messages delivered and not yet acked, which another process had, will be taken before
+        anything newer (anything newer arriving first is left for redelivery, and pulling
+        pauses for the ack wait). Returns how many that is."""
+        async with self._translated():
+            info = await self.js.consumer_info(self._streams[durable], durable)
+        owed = int(info.num_ack_pending or 0)
+        through = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        self._subs[durable].expect_redeliveries(through, owed)
+        return owed
 
     async def pending(self, durable: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a consumer."""
@@ -279,7 +304,7 @@ class NatsBus:
 
 
 class _Pull:
-    """A durable pull consumer, pulled continuously.
+    """A durable pull consumer, pulled continuously, whose deliveries arrive in order or wait.
 
     nats-py's ``fetch(n)`` waits, once nothing is queued, until all ``n`` messages arrived or
     its timeout passed: under light load a command would sit in the client for up to the
@@ -287,43 +312,80 @@ class _Pull:
     the server and every ``fetch`` returns what has arrived as soon as there is something;
     a new request is sent only when the last one is used up or expired. The server never
     delivers more than the consumer's ``max_ack_pending`` unacked messages, whatever is asked.
+
+    Lost deliveries. A message the server delivered can be lost on the way (the NATS node it
+    travelled through died, the connection dropped). The server counts it delivered and sends
+    it again only after its ack wait, so a later message of the same flow, delivered in the
+    meantime, would overtake it. Every delivery carries the consumer's delivery sequence, one
+    more than the one before; a jump (see ``Gaps``) means deliveries were lost. Then what
+    came after the jump is dropped unsettled and pulling pauses until everything delivered so
+    far has passed its ack wait: the server then redelivers it all, the lost ones first, in
+    the order it first delivered them.
+
+    Owed redeliveries. Taking a consumer over (after a crash, or a partition that moved), the
+    messages the other process had and never settled come back only when their ack wait runs
+    out, and the server hands out newer ones meanwhile. ``expect_redeliveries`` says how many
+    are owed, up to which stream sequence; a newer message arriving before they all came back
+    is handled like a lost delivery: dropped, and a pause.
     """
 
-    def __init__(self, nc: Client, subject: str) -> None:
+    def __init__(self, nc: Client, stream: str, durable: str, *, gaps: Gaps, ack_wait: float):
         self._nc = nc
-        self._next = subject
+        # The default API prefix, as NatsBus's nc.jetstream() uses: a JetStream domain would
+        # need its own prefix here as well.
+        self._next = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._durable = durable
+        self._gaps = gaps
+        self._ack_wait = ack_wait
         self._inbox = nc.new_inbox()
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: Any = None
         self._open = 0  # messages the open request may still bring
         self._until = 0.0  # when it expires (loop time)
+        self._last: int | None = None  # delivery sequence of the last message taken
+        self._reconnects = 0  # the connection's reconnect count when it was taken
+        self._paused_until = 0.0  # loop time: no pulling before (deliveries were lost)
+        self._owed: _Owed | None = None  # redeliveries to take before anything newer
 
-    @classmethod
-    async def start(cls, nc: Client, stream: str, durable: str) -> _Pull:
-        # The default API prefix, as NatsBus's nc.jetstream() uses: a JetStream domain would
-        # need its own prefix here as well.
-        pull = cls(nc, f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}")
-        pull._sub = await nc.subscribe(pull._inbox, cb=pull._arrived)
-        return pull
+    async def start(self) -> _Pull:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._arrived)
+        return self
 
     async def _arrived(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
 
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
         loop = asyncio.get_running_loop()
+        if self._paused_until:
+            if (left := self._paused_until - loop.time()) > 0:
+                await asyncio.sleep(min(wait, left))
+            self._take_arrived()  # the open request's tail: dropped, it comes back in order
+            if loop.time() < self._paused_until:
+                return []
+            self._open, self._last, self._paused_until = 0, None, 0.0  # redeliveries first
+        arrived: list[Msg] = []
         if self._queue.empty():
             if self._open <= 0 or loop.time() >= self._until:
                 request = {"batch": batch, "expires": int(wait * 1e9)}
                 await self._nc.publish(self._next, jsontext.dumps(request).encode(), self._inbox)
                 self._open, self._until = batch, loop.time() + wait
             try:
-                first = await asyncio.wait_for(self._queue.get(), self._until - loop.time() + 0.1)
+                arrived.append(
+                    await asyncio.wait_for(self._queue.get(), self._until - loop.time() + 0.1)
+                )
             except TimeoutError:
                 self._open = 0  # expired (its 408 may still come: harmless)
                 return []
-            arrived = [first]
-        else:
-            arrived = []
+        msgs, refused = self._take_arrived(arrived)
+        if refused and not msgs:  # e.g. the consumer is gone: the caller backs off
+            raise BusUnavailable(f"pull request refused: {refused}")
+        return self._in_order(msgs)
+
+    def _take_arrived(self, arrived: list[Msg] | None = None) -> tuple[list[Msg], str]:
+        """The stream messages queued so far (after ``arrived``, taken already), and why the
+        open request was refused, if it was. While paused they are dropped (left unsettled)
+        and extend the pause."""
+        arrived = arrived or []
         while not self._queue.empty():
             arrived.append(self._queue.get_nowait())
         msgs, refused = [], ""
@@ -337,26 +399,93 @@ class _Pull:
                 if status != "408":
                     assert msg.headers is not None
                     refused = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '')}"
-        if refused and not msgs:  # e.g. the consumer is gone: the caller backs off
-            raise BusUnavailable(f"pull request refused: {refused}")
+        if msgs and self._paused_until:
+            self._pause()
+            return [], refused
+        return msgs, refused
+
+    def _in_order(self, msgs: list[Msg]) -> list[Msg]:
+        """``msgs`` up to the first one that could overtake an earlier message (then pause)."""
+        if self._gaps == "ignore":
+            return msgs
+        reconnected = int(self._nc.stats["reconnects"]) != self._reconnects
+        for i, msg in enumerate(msgs):
+            seq = msg.metadata.sequence
+            if why := self._overtakes(seq.consumer, seq.stream, reconnected):
+                event, detail = why
+                log.warning(
+                    event,
+                    consumer=self._durable,
+                    held_back=len(msgs) - i,
+                    resume_in=self._ack_wait + REDELIVERY_GRACE,
+                    **detail,
+                )
+                self._pause()
+                return msgs[:i]
+            self._last = seq.consumer  # (a step back is a new consumer leader: fine)
+        self._reconnects = int(self._nc.stats["reconnects"])
         return msgs
+
+    def _overtakes(
+        self, delivery: int, stream_seq: int, reconnected: bool
+    ) -> tuple[str, dict[str, int]] | None:
+        """Why the message delivered as ``delivery`` may not be taken yet, or None."""
+        last = self._last
+        if last is not None and delivery > last + 1 and (self._gaps == "any" or reconnected):
+            return "deliveries_lost", {"lost": delivery - last - 1}
+        if (owed := self._owed) is not None:
+            if stream_seq <= owed.through:
+                owed.seen.add(stream_seq)
+                if len(owed.seen) >= owed.count:
+                    self._owed = None
+            elif asyncio.get_running_loop().time() < owed.until:
+                self._owed = None  # the pause that follows outlasts their ack wait
+                return "redeliveries_owed", {"owed": owed.count - len(owed.seen)}
+            else:  # expired, so redelivered before anything newer (or acked by another)
+                self._owed = None
+        return None
+
+    def expect_redeliveries(self, through: int, count: int) -> None:
+        """``count`` delivered, unsettled messages up to stream sequence ``through`` (another
+        process had them) come back before anything newer is taken. Their ack wait runs out
+        within ``ack_wait`` of now (the consumer's leader answered, so its timers run): after
+        that the server redelivers them before anything newer by itself."""
+        if self._gaps != "ignore" and count > 0:
+            until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
+            self._owed = _Owed(through, count, set(), until)
+
+    def _pause(self) -> None:
+        """No pulling until what was delivered up to now has passed its ack wait."""
+        until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
+        self._paused_until = max(self._paused_until, until)
 
     async def relinquish(self, held: Sequence[Msg]) -> None:
         loop = asyncio.get_running_loop()
         if self._open > 0 and (left := self._until - loop.time()) > -0.1:
             await asyncio.sleep(left + 0.1)  # the server's clock started a little later
-        self._open = 0
         back = list(held)
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            if not _status(msg):
-                back.append(msg)
+        arrived, _ = self._take_arrived()
+        if not self._paused_until and self._owed is None:
+            back += arrived
+        # Paused or owed redeliveries, only ``held`` goes back at once: it came before the
+        # messages still owed, so it is redelivered before them; the rest follows them.
+        self._open, self._last, self._paused_until, self._owed = 0, None, 0.0, None
         for msg in sorted(back, key=lambda m: m.metadata.sequence.stream):
             with contextlib.suppress(Exception):  # unacked, it comes back anyway
                 await msg.nak()
 
     async def close(self) -> None:
         await self._sub.unsubscribe()
+
+
+@dataclass(slots=True)
+class _Owed:
+    """Redeliveries a consumer owes this process before anything newer (``_Pull``)."""
+
+    through: int  # stream sequence: anything above is newer
+    count: int
+    seen: set[int]
+    until: float  # loop time: given up on after
 
 
 def _status(msg: Msg) -> str | None:

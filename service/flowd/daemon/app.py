@@ -231,7 +231,7 @@ class Daemon:
             durable = s.create_consumer
         else:
             durable = s.consumer(kind, 0)
-        await self._await_redeliveries(bus, durable)
+        await self._expect_redeliveries(bus, durable)
         await dispatcher.consume(
             kind,
             durable,
@@ -241,20 +241,22 @@ class Daemon:
             drain=drain,
         )
 
-    async def _await_redeliveries(self, bus: NatsBus, durable: str) -> None:
-        """Messages a crashed process had fetched must come back before anything newer is
-        fetched, or a flow's later command could overtake its earlier one. They come back
-        (first, in order) once their ack_wait expires; wait for that."""
-        deadline = asyncio.get_running_loop().time() + self.settings.ack_wait + 5
-        while not self.stop.is_set() and asyncio.get_running_loop().time() < deadline:
+    async def _expect_redeliveries(self, bus: NatsBus, durable: str) -> None:
+        """Messages a crashed process (or the replica that had this partition) had fetched and
+        not settled come back when their ack_wait expires; nothing newer of ``durable`` is
+        applied before them, or a flow's later command could overtake its earlier one. How
+        many they are comes from the consumer: ask until it answers."""
+        while not self.stop.is_set():
             try:
-                if (await bus.pending(durable))[1] == 0:
-                    return
-            except BusUnavailable:
-                pass
-            log.info("waiting_for_redeliveries", consumer=durable)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=0.5)
+                owed = await bus.expect_redeliveries(durable)
+            except BusUnavailable as exc:
+                log.info("consumer_unavailable", consumer=durable, error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=0.5)
+                continue
+            if owed:
+                log.info("redeliveries_expected", consumer=durable, count=owed)
+            return
 
     async def _urls(self) -> tuple[str, str]:
         s = self.settings
@@ -297,7 +299,7 @@ class Daemon:
             ack_wait=s.ack_wait,
             max_deliver=s.max_deliver,
             # At most `batch` unacked messages per consumer: after a crash they are all
-            # redelivered, in order, before anything newer is fetched (_await_redeliveries),
+            # redelivered, in order, before anything newer is applied (_expect_redeliveries),
             # so per-flow order survives.
             max_ack_pending=s.batch,
         )

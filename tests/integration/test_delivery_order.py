@@ -1,0 +1,114 @@
+"""A flow's later message must not overtake an earlier one that JetStream will only redeliver
+after its ack wait: one lost on its way to flowd (a NATS node died with it in transit), or one
+another process had fetched and never settled (it crashed; flowd took its partition over).
+Real nats-server. A loss is made by dropping one delivery as it reaches the client, which is
+what a dead route or connection does to it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+import flowd.bus.nats as bus_nats
+from flowd.bus.nats import Gaps, _Pull
+
+pytestmark = [pytest.mark.nats]
+
+ACK_WAIT = 1.0
+MESSAGES = 12
+LOST = 4  # the stream sequence whose first delivery never arrives
+CRASHED = 3  # messages a process fetched and never settled
+
+
+@pytest.fixture
+async def nc(nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Client]:
+    monkeypatch.setattr(bus_nats, "REDELIVERY_GRACE", 0.5)
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    await js.add_stream(api.StreamConfig(name=prefix, subjects=[f"{prefix}.>"]))
+    await js.add_consumer(
+        prefix,
+        api.ConsumerConfig(
+            durable_name="c",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_ack_pending=100,
+        ),
+    )
+    for i in range(MESSAGES):
+        await js.publish(f"{prefix}.m", str(i).encode())
+    yield client
+    await js.delete_stream(prefix)
+    await client.close()
+
+
+async def taken(pull: _Pull) -> list[int]:
+    """Stream sequences in the order ``pull`` hands them over (each acked), until all were."""
+    order: list[int] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(set(order)) < MESSAGES:
+                for msg in await pull.fetch(3, wait=0.2):
+                    order.append(msg.metadata.sequence.stream)
+                    await msg.ack()
+    finally:
+        await pull.close()
+    return order
+
+
+async def lossy_order(nc: Client, prefix: str, gaps: Gaps) -> list[int]:
+    pull = await _Pull(nc, prefix, "c", gaps=gaps, ack_wait=ACK_WAIT).start()
+    arrived = pull._arrived
+    dropped: list[int] = []
+
+    async def lossy(msg: Msg) -> None:
+        if msg.metadata.sequence.stream == LOST and not dropped:
+            dropped.append(msg.metadata.sequence.consumer)
+            return  # lost on the way: the server counts it delivered
+        await arrived(msg)
+
+    pull._sub._cb = lossy
+    order = await taken(pull)
+    assert dropped, "the lossy delivery never happened"
+    return order
+
+
+async def takeover_order(nc: Client, prefix: str, gaps: Gaps) -> list[int]:
+    crashed = await nc.jetstream().pull_subscribe_bind("c", stream=prefix)
+    assert len(await crashed.fetch(CRASHED, timeout=5)) == CRASHED  # never settled
+    await crashed.unsubscribe()
+    pull = await _Pull(nc, prefix, "c", gaps=gaps, ack_wait=ACK_WAIT).start()
+    info = await nc.jetstream().consumer_info(prefix, "c")
+    assert (info.num_ack_pending, info.delivered.stream_seq) == (CRASHED, CRASHED)
+    pull.expect_redeliveries(info.delivered.stream_seq, info.num_ack_pending)
+    return await taken(pull)
+
+
+IN_ORDER = list(range(1, MESSAGES + 1))
+
+
+async def test_a_lost_delivery_is_not_overtaken(nc: Client, prefix: str) -> None:
+    # Every message once, in stream order: what followed the lost one waited for it.
+    assert await lossy_order(nc, prefix, "any") == IN_ORDER
+
+
+async def test_a_crashed_processs_messages_are_not_overtaken(nc: Client, prefix: str) -> None:
+    assert await takeover_order(nc, prefix, "any") == IN_ORDER
+
+
+async def test_without_the_checks_later_messages_overtake(nc: Client, prefix: str) -> None:
+    """The hazard itself (what consumers whose order does not matter do): the owed messages
+    come back after their ack wait, behind everything delivered meanwhile."""
+    order = await lossy_order(nc, prefix, "ignore")
+    assert order == [s for s in IN_ORDER if s != LOST] + [LOST]
+
+
+async def test_without_the_checks_a_takeover_overtakes(nc: Client, prefix: str) -> None:
+    order = await takeover_order(nc, prefix, "ignore")
+    assert order == IN_ORDER[CRASHED:] + IN_ORDER[:CRASHED]

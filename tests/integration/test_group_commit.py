@@ -52,7 +52,9 @@ async def test_waiting_changes_share_a_transaction_beside_a_stalled_one(
             asyncio.gather(*(manager.start_running(f.id) for f in others)), timeout=5
         )
         assert [f.revision for f in started] == [1] * len(others)
-        assert pg_store._updates.batches == 1
+        # Shared transactions: one when all arrive within the stall threshold (50 ms), more
+        # when a slow machine spreads their reads across it; never one per change.
+        assert pg_store._updates.batches < len(others)
         assert not first.done()
     assert (await asyncio.wait_for(first, timeout=5)).revision == 1
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import nats
@@ -20,6 +20,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
+from nats.js.client import JetStreamContext
 
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
@@ -29,15 +30,16 @@ from flowd.core.outbox import OutboxMessage
 Message = Msg
 log = structlog.get_logger("flowd.bus")
 
-#: Seconds beyond a consumer's ack wait after which JetStream surely redelivers what a
-#: process had been delivered and did not settle (the server's timer may fire a little late).
+#: Seconds beyond a consumer's ack wait after which JetStream has surely redelivered what was
+#: delivered and not settled when it was asked (its timer may fire a little late).
 REDELIVERY_GRACE = 5.0
 
-#: How a consumer's messages are kept from overtaking earlier ones still owed (``_Pull``):
-#: a jump in its delivery sequence means deliveries were lost on "any" jump (this process is
-#: the consumer's only puller: a partition) or on a jump "across_reconnect" (others may pull
-#: the same consumer, so a jump alone proves nothing); "ignore": order does not matter
-#: (creates without a flow id, wake messages), neither lost nor owed messages are waited for.
+#: How a consumer's messages are kept from overtaking earlier ones that JetStream will only
+#: redeliver after their ack wait (``_Pull``): a jump in the delivery sequence means
+#: deliveries were lost on "any" jump (this process is the consumer's only puller: a
+#: partition) or on a jump "across_reconnect" (others may pull the same consumer, so a jump
+#: alone proves nothing); "ignore": order does not matter (creates without a flow id, wake
+#: messages), nothing is held back.
 Gaps = Literal["any", "across_reconnect", "ignore"]
 
 
@@ -184,39 +186,36 @@ class NatsBus:
                 )
                 await self.js.add_consumer(stream, consumer)
                 if durable not in self._subs:
-                    pull = _Pull(self.nc, stream, durable, gaps=gaps, ack_wait=lim.ack_wait)
+                    pull = _Pull(
+                        self.nc, self.js, stream, durable, gaps=gaps, ack_wait=lim.ack_wait
+                    )
                     self._subs[durable] = await pull.start()
                 self._streams[durable] = stream
         return self
 
-    async def fetch(self, durable: str, batch: int, wait: float) -> list[Msg]:
+    async def fetch(self, durable: str, batch: int, wait: float, *, idle: bool = True) -> list[Msg]:
         """The messages that have arrived, as soon as there is one (at most ``batch`` are
-        asked for); ``[]`` when none arrives within ``wait`` seconds."""
+        asked for); ``[]`` when none arrives within ``wait`` seconds. ``idle``: every message
+        fetched before has been settled (acked or nak'd), so the consumer's count of unsettled
+        messages can be trusted (see ``resync``)."""
         try:
-            return await self._subs[durable].fetch(batch, wait)
+            return await self._subs[durable].fetch(batch, wait, idle)
         except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(str(exc)) from exc
 
     async def relinquish(self, durable: str, held: Sequence[Msg]) -> None:
         """Stop pulling ``durable``: once its open pull request has expired (nothing more
-        can arrive here) nak ``held`` (fetched, not settled) and what arrived but was never
-        fetched, together in stream order. Whoever pulls next (another replica, after a
-        partition moved) gets them first and in that order: a nak'd message is redelivered
-        at once, and a message nak'd while a pull request is open could come straight back
-        behind a later one of its flow."""
+        can arrive here) nak ``held`` (fetched, not settled), what a resync held back and what
+        arrived but was never fetched, in stream order. A nak'd message is redelivered at
+        once, so whoever pulls next (another replica, after a partition moved; it resyncs)
+        has them all in hand without waiting for an ack wait."""
         await self._subs[durable].relinquish(held)
 
-    async def expect_redeliveries(self, durable: str) -> int:
-        """Before pulling ``durable`` (just taken over, or just started after a crash): its
-        messages delivered and not yet acked, which another process had, will be taken before
-        anything newer (anything newer arriving first is left for redelivery, and pulling
-        pauses for the ack wait). Returns how many that is."""
-        async with self._translated():
-            info = await self.js.consumer_info(self._streams[durable], durable)
-        owed = int(info.num_ack_pending or 0)
-        through = int(info.delivered.stream_seq or 0) if info.delivered else 0
-        self._subs[durable].expect_redeliveries(through, owed)
-        return owed
+    def resync(self, durable: str) -> None:
+        """Before pulling ``durable`` (just taken over, or after a restart): the messages
+        another process was delivered and did not settle are applied before anything newer,
+        in stream order (``_Pull``)."""
+        self._subs[durable].resync()
 
     async def pending(self, durable: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a consumer."""
@@ -304,7 +303,7 @@ class NatsBus:
 
 
 class _Pull:
-    """A durable pull consumer, pulled continuously, whose deliveries arrive in order or wait.
+    """A durable pull consumer, pulled continuously, whose messages come out in stream order.
 
     nats-py's ``fetch(n)`` waits, once nothing is queued, until all ``n`` messages arrived or
     its timeout passed: under light load a command would sit in the client for up to the
@@ -313,39 +312,49 @@ class _Pull:
     a new request is sent only when the last one is used up or expired. The server never
     delivers more than the consumer's ``max_ack_pending`` unacked messages, whatever is asked.
 
-    Lost deliveries. A message the server delivered can be lost on the way (the NATS node it
-    travelled through died, the connection dropped). The server counts it delivered and sends
-    it again only after its ack wait, so a later message of the same flow, delivered in the
-    meantime, would overtake it. Every delivery carries the consumer's delivery sequence, one
-    more than the one before; a jump (see ``Gaps``) means deliveries were lost. Then what
-    came after the jump is dropped unsettled and pulling pauses until everything delivered so
-    far has passed its ack wait: the server then redelivers it all, the lost ones first, in
-    the order it first delivered them.
-
-    Owed redeliveries. Taking a consumer over (after a crash, or a partition that moved), the
-    messages the other process had and never settled come back only when their ack wait runs
-    out, and the server hands out newer ones meanwhile. ``expect_redeliveries`` says how many
-    are owed, up to which stream sequence; a newer message arriving before they all came back
-    is handled like a lost delivery: dropped, and a pause.
+    Order. JetStream sends a message that was delivered and not settled again only when its
+    ack wait runs out, and meanwhile hands out newer ones; so a flow's later command could
+    overtake its earlier one when (a) a delivery was lost on the way (the NATS node it
+    travelled through died, the connection dropped), or (b) another process had it (it
+    crashed, or gave the partition up). Each delivery carries the consumer's delivery
+    sequence, one more than the one before: a jump (see ``Gaps``) shows (a); taking a
+    consumer over calls ``resync`` for (b). Either way the consumer *resyncs*: once every
+    message fetched before is settled (``idle``) it asks the consumer how many messages are
+    unsettled and up to which stream sequence; it holds back everything that arrives (kept
+    in progress) until all of those are in hand, then hands them out sorted by stream
+    sequence, with anything newer that arrived meanwhile after them. Redeliveries may come
+    in any order (ack waits run out in the order they were last extended), so sorting is
+    what makes the order right. Unsettled messages that never come back (another replica
+    settled them: shared consumers) are given up on after the ack wait.
     """
 
-    def __init__(self, nc: Client, stream: str, durable: str, *, gaps: Gaps, ack_wait: float):
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        stream: str,
+        durable: str,
+        *,
+        gaps: Gaps,
+        ack_wait: float,
+    ) -> None:
         self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._durable = durable
         # The default API prefix, as NatsBus's nc.jetstream() uses: a JetStream domain would
         # need its own prefix here as well.
         self._next = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self._durable = durable
         self._gaps = gaps
         self._ack_wait = ack_wait
-        self._inbox = nc.new_inbox()
+        self._inbox = self._nc.new_inbox()
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: Any = None
         self._open = 0  # messages the open request may still bring
         self._until = 0.0  # when it expires (loop time)
-        self._last: int | None = None  # delivery sequence of the last message taken
-        self._reconnects = 0  # the connection's reconnect count when it was taken
-        self._paused_until = 0.0  # loop time: no pulling before (deliveries were lost)
-        self._owed: _Owed | None = None  # redeliveries to take before anything newer
+        self._last: int | None = None  # delivery sequence of the last message received
+        self._reconnects = 0  # the connection's reconnect count then
+        self._resync: _Resync | None = None
 
     async def start(self) -> _Pull:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._arrived)
@@ -354,38 +363,60 @@ class _Pull:
     async def _arrived(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
 
-    async def fetch(self, batch: int, wait: float) -> list[Msg]:
+    def resync(self, *, lost: int = 0) -> None:
+        """Hold everything back until the consumer's unsettled messages are all in hand
+        (``lost``: deliveries that never arrived, the reason for it)."""
+        if self._gaps == "ignore":
+            return
+        if lost:
+            log.warning("deliveries_lost", consumer=self._durable, lost=lost)
+        if self._resync is None:
+            self._resync = _Resync()
+        else:
+            self._resync.through = None  # ask again: more may be owed now
+
+    async def fetch(self, batch: int, wait: float, idle: bool = True) -> list[Msg]:
+        r = self._resync
+        if r is not None and r.through is None and idle:
+            await self._ask(r)
+        # Until it can ask, come back soon to see whether everything fetched was settled.
+        arrived = await self._receive(batch, wait, 0.05 if r and r.through is None else wait)
+        taken = []
+        reconnected = int(self._nc.stats["reconnects"]) != self._reconnects
+        self._reconnects = int(self._nc.stats["reconnects"])
+        for msg in arrived:
+            delivery = msg.metadata.sequence.consumer
+            last, self._last = self._last, delivery  # (a step back: a new consumer leader)
+            jumped = last is not None and delivery > last + 1
+            if jumped and (self._gaps == "any" or reconnected):
+                assert last is not None
+                self.resync(lost=delivery - last - 1)
+            reconnected = False  # only the first delivery after a reconnect says anything
+            if self._resync is None:
+                taken.append(msg)
+            else:
+                self._resync.hold(msg)
+        if self._resync is not None:
+            return taken + await self._release_when_complete(self._resync)
+        return taken
+
+    async def _receive(self, batch: int, wait: float, patience: float) -> list[Msg]:
+        """Stream messages that arrived (waiting up to ``patience`` for one), keeping a pull
+        request of ``batch`` expiring after ``wait`` open."""
         loop = asyncio.get_running_loop()
-        if self._paused_until:
-            if (left := self._paused_until - loop.time()) > 0:
-                await asyncio.sleep(min(wait, left))
-            self._take_arrived()  # the open request's tail: dropped, it comes back in order
-            if loop.time() < self._paused_until:
-                return []
-            self._open, self._last, self._paused_until = 0, None, 0.0  # redeliveries first
         arrived: list[Msg] = []
         if self._queue.empty():
             if self._open <= 0 or loop.time() >= self._until:
                 request = {"batch": batch, "expires": int(wait * 1e9)}
                 await self._nc.publish(self._next, jsontext.dumps(request).encode(), self._inbox)
                 self._open, self._until = batch, loop.time() + wait
+            timeout = min(self._until - loop.time() + 0.1, patience)
             try:
-                arrived.append(
-                    await asyncio.wait_for(self._queue.get(), self._until - loop.time() + 0.1)
-                )
+                arrived.append(await asyncio.wait_for(self._queue.get(), timeout))
             except TimeoutError:
-                self._open = 0  # expired (its 408 may still come: harmless)
+                if loop.time() >= self._until:
+                    self._open = 0  # expired (its 408 may still come: harmless)
                 return []
-        msgs, refused = self._take_arrived(arrived)
-        if refused and not msgs:  # e.g. the consumer is gone: the caller backs off
-            raise BusUnavailable(f"pull request refused: {refused}")
-        return self._in_order(msgs)
-
-    def _take_arrived(self, arrived: list[Msg] | None = None) -> tuple[list[Msg], str]:
-        """The stream messages queued so far (after ``arrived``, taken already), and why the
-        open request was refused, if it was. While paused they are dropped (left unsettled)
-        and extend the pause."""
-        arrived = arrived or []
         while not self._queue.empty():
             arrived.append(self._queue.get_nowait())
         msgs, refused = [], ""
@@ -399,93 +430,79 @@ class _Pull:
                 if status != "408":
                     assert msg.headers is not None
                     refused = f"{status} {msg.headers.get(api.Header.DESCRIPTION, '')}"
-        if msgs and self._paused_until:
-            self._pause()
-            return [], refused
-        return msgs, refused
-
-    def _in_order(self, msgs: list[Msg]) -> list[Msg]:
-        """``msgs`` up to the first one that could overtake an earlier message (then pause)."""
-        if self._gaps == "ignore":
-            return msgs
-        reconnected = int(self._nc.stats["reconnects"]) != self._reconnects
-        for i, msg in enumerate(msgs):
-            seq = msg.metadata.sequence
-            if why := self._overtakes(seq.consumer, seq.stream, reconnected):
-                event, detail = why
-                log.warning(
-                    event,
-                    consumer=self._durable,
-                    held_back=len(msgs) - i,
-                    resume_in=self._ack_wait + REDELIVERY_GRACE,
-                    **detail,
-                )
-                self._pause()
-                return msgs[:i]
-            self._last = seq.consumer  # (a step back is a new consumer leader: fine)
-        self._reconnects = int(self._nc.stats["reconnects"])
+        if refused and not msgs:  # e.g. the consumer is gone: the caller backs off
+            raise BusUnavailable(f"pull request refused: {refused}")
         return msgs
 
-    def _overtakes(
-        self, delivery: int, stream_seq: int, reconnected: bool
-    ) -> tuple[str, dict[str, int]] | None:
-        """Why the message delivered as ``delivery`` may not be taken yet, or None."""
-        last = self._last
-        if last is not None and delivery > last + 1 and (self._gaps == "any" or reconnected):
-            return "deliveries_lost", {"lost": delivery - last - 1}
-        if (owed := self._owed) is not None:
-            if stream_seq <= owed.through:
-                owed.seen.add(stream_seq)
-                if len(owed.seen) >= owed.count:
-                    self._owed = None
-            elif asyncio.get_running_loop().time() < owed.until:
-                self._owed = None  # the pause that follows outlasts their ack wait
-                return "redeliveries_owed", {"owed": owed.count - len(owed.seen)}
-            else:  # expired, so redelivered before anything newer (or acked by another)
-                self._owed = None
-        return None
+    async def _ask(self, r: _Resync) -> None:
+        """How many messages are unsettled now, up to which stream sequence."""
+        try:
+            await self._nc.flush(timeout=5)  # this process's acks reach the server first
+            info = await self._js.consumer_info(self._stream, self._durable)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS: {exc!r}") from exc
+        r.owed = int(info.num_ack_pending or 0)
+        r.through = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        r.until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
+        if r.owed:
+            log.info("resync_owed", consumer=self._durable, owed=r.owed, held=len(r.held))
 
-    def expect_redeliveries(self, through: int, count: int) -> None:
-        """``count`` delivered, unsettled messages up to stream sequence ``through`` (another
-        process had them) come back before anything newer is taken. Their ack wait runs out
-        within ``ack_wait`` of now (the consumer's leader answered, so its timers run): after
-        that the server redelivers them before anything newer by itself."""
-        if self._gaps != "ignore" and count > 0:
-            until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
-            self._owed = _Owed(through, count, set(), until)
-
-    def _pause(self) -> None:
-        """No pulling until what was delivered up to now has passed its ack wait."""
-        until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
-        self._paused_until = max(self._paused_until, until)
+    async def _release_when_complete(self, r: _Resync) -> list[Msg]:
+        """All held messages in stream order once the owed ones are in hand, else []."""
+        if r.through is None:
+            return []
+        now = asyncio.get_running_loop().time()
+        missing = r.owed - sum(1 for seq in r.held if seq <= r.through)
+        if missing > 0 and now < r.until:
+            if now >= r.progress_at:  # held messages must not run out their ack wait
+                r.progress_at = now + self._ack_wait / 3
+                for msg in r.held.values():
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+            return []
+        if missing > 0:
+            log.warning("resync_gave_up", consumer=self._durable, missing=missing)
+        self._resync = None
+        return [r.held[seq] for seq in sorted(r.held)]
 
     async def relinquish(self, held: Sequence[Msg]) -> None:
         loop = asyncio.get_running_loop()
         if self._open > 0 and (left := self._until - loop.time()) > -0.1:
             await asyncio.sleep(left + 0.1)  # the server's clock started a little later
-        back = list(held)
-        arrived, _ = self._take_arrived()
-        if not self._paused_until and self._owed is None:
-            back += arrived
-        # Paused or owed redeliveries, only ``held`` goes back at once: it came before the
-        # messages still owed, so it is redelivered before them; the rest follows them.
-        self._open, self._last, self._paused_until, self._owed = 0, None, 0.0, None
-        for msg in sorted(back, key=lambda m: m.metadata.sequence.stream):
+        back = {m.metadata.sequence.stream: m for m in held}
+        if self._resync is not None:
+            back.update(self._resync.held)
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            if not _status(msg):
+                back.setdefault(msg.metadata.sequence.stream, msg)
+        # Whoever pulls next resyncs (it sorts what comes back), so the order of naks is
+        # only a courtesy.
+        self._open, self._last, self._resync = 0, None, None
+        for seq in sorted(back):
             with contextlib.suppress(Exception):  # unacked, it comes back anyway
-                await msg.nak()
+                await back[seq].nak()
 
     async def close(self) -> None:
         await self._sub.unsubscribe()
 
 
 @dataclass(slots=True)
-class _Owed:
-    """Redeliveries a consumer owes this process before anything newer (``_Pull``)."""
+class _Resync:
+    """Messages held back until a consumer's unsettled ones are all in hand (``_Pull``)."""
 
-    through: int  # stream sequence: anything above is newer
-    count: int
-    seen: set[int]
-    until: float  # loop time: given up on after
+    held: dict[int, Msg] = field(default_factory=dict)  # by stream sequence
+    through: int | None = None  # the last stream sequence delivered, once asked
+    owed: int = 0  # messages unsettled then: all must be held before any is handed out
+    until: float = 0.0  # loop time: the rest is given up on (settled by another process)
+    progress_at: float = 0.0  # loop time of the next in-progress for held messages
+
+    def hold(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence
+        if (
+            had := self.held.get(seq.stream)
+        ) is None or had.metadata.sequence.consumer < seq.consumer:
+            self.held[seq.stream] = msg  # the latest delivery's ack is the one that counts
 
 
 def _status(msg: Msg) -> str | None:

@@ -231,7 +231,7 @@ class Daemon:
             durable = s.create_consumer
         else:
             durable = s.consumer(kind, 0)
-        await self._expect_redeliveries(bus, durable)
+        bus.resync(durable)  # what another process had comes first, in order
         await dispatcher.consume(
             kind,
             durable,
@@ -240,23 +240,6 @@ class Daemon:
             release=release,
             drain=drain,
         )
-
-    async def _expect_redeliveries(self, bus: NatsBus, durable: str) -> None:
-        """Messages a crashed process (or the replica that had this partition) had fetched and
-        not settled come back when their ack_wait expires; nothing newer of ``durable`` is
-        applied before them, or a flow's later command could overtake its earlier one. How
-        many they are comes from the consumer: ask until it answers."""
-        while not self.stop.is_set():
-            try:
-                owed = await bus.expect_redeliveries(durable)
-            except BusUnavailable as exc:
-                log.info("consumer_unavailable", consumer=durable, error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), timeout=0.5)
-                continue
-            if owed:
-                log.info("redeliveries_expected", consumer=durable, count=owed)
-            return
 
     async def _urls(self) -> tuple[str, str]:
         s = self.settings
@@ -299,7 +282,7 @@ class Daemon:
             ack_wait=s.ack_wait,
             max_deliver=s.max_deliver,
             # At most `batch` unacked messages per consumer: after a crash they are all
-            # redelivered, in order, before anything newer is applied (_expect_redeliveries),
+            # applied, in stream order, before anything newer (NatsBus.resync),
             # so per-flow order survives.
             max_ack_pending=s.batch,
         )

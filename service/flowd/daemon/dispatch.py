@@ -133,7 +133,7 @@ class Dispatcher:
                     if lanes.in_flight >= batch:
                         await lanes.wait_for_room(timeout=0.5)
                         continue
-                    msgs = await self.bus.fetch(durable, batch, wait=0.5)
+                    msgs = await self.bus.fetch(durable, batch, wait=0.5, idle=lanes.idle)
                     for msg in msgs:
                         lanes.add(*self._decode(kind, msg, path_at, first_token), msg)
                     idle = drain and not msgs and lanes.idle

@@ -68,7 +68,7 @@ async def taken(pull: _Pull) -> list[int]:
     return order
 
 
-async def lossy_order(nc: Client, prefix: str, gaps: Gaps) -> list[int]:
+async def lossy_order(nc: Client, prefix: str, gaps: Gaps, *, reconnect: bool = False) -> list[int]:
     pull = await pull_of(nc, prefix, gaps)
     arrived = pull._arrived
     dropped: list[int] = []
@@ -76,6 +76,8 @@ async def lossy_order(nc: Client, prefix: str, gaps: Gaps) -> list[int]:
     async def lossy(msg: Msg) -> None:
         if not msg.headers and msg.metadata.sequence.stream == LOST and not dropped:
             dropped.append(msg.metadata.sequence.consumer)
+            if reconnect:  # the connection dropped with it (counted as nats-py does)
+                nc.stats["reconnects"] += 1
             return  # lost on the way: the server counts it delivered
         await arrived(msg)
 
@@ -119,3 +121,18 @@ async def test_without_the_checks_a_takeover_overtakes(nc: Client, prefix: str) 
     order = await takeover_order(nc, prefix, "ignore")
     assert order.index(1) > order.index(2)  # the first one's extended ack wait ran out last
     assert order.index(2) > order.index(CRASHED + 1)  # the rest came before any came back
+
+
+async def test_a_shared_consumer_resyncs_after_a_reconnect(nc: Client, prefix: str) -> None:
+    """Other replicas may pull a shared consumer, so only a jump right after this process
+    reconnected says deliveries were lost; then the same resync keeps the order."""
+    assert await lossy_order(nc, prefix, "across_reconnect", reconnect=True) == IN_ORDER
+
+
+async def test_a_shared_consumer_ignores_a_jump_without_a_reconnect(
+    nc: Client, prefix: str
+) -> None:
+    """The documented limit: a loss with this process's connection intact (a dead route in a
+    NATS cluster) goes unseen on a shared consumer; partitions catch it."""
+    order = await lossy_order(nc, prefix, "across_reconnect")
+    assert order == [s for s in IN_ORDER if s != LOST] + [LOST]

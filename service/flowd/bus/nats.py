@@ -42,6 +42,12 @@ REDELIVERY_GRACE = 5.0
 #: messages), nothing is held back.
 Gaps = Literal["any", "across_reconnect", "ignore"]
 
+#: Stream sequences a consumer remembers having handed out (at least FLOWD_BATCH's maximum).
+HANDED_OUT_KEPT = 4096
+#: Times a partition's consumer is asked, one ack wait apart, for messages still owed before
+#: the rest is given up on.
+RESYNC_ROUNDS = 3
+
 
 class BusUnavailable(Exception):
     """NATS could not be reached or did not answer in time; retry later."""
@@ -324,8 +330,9 @@ class _Pull:
     in progress) until all of those are in hand, then hands them out sorted by stream
     sequence, with anything newer that arrived meanwhile after them. Redeliveries may come
     in any order (ack waits run out in the order they were last extended), so sorting is
-    what makes the order right. Unsettled messages that never come back (another replica
-    settled them: shared consumers) are given up on after the ack wait.
+    what makes the order right. Unsettled messages that do not come back within the ack wait
+    are given up on: at once on a shared consumer (another replica settled them); on a
+    partition's consumer after asking again, up to ``RESYNC_ROUNDS`` times.
     """
 
     def __init__(
@@ -355,6 +362,7 @@ class _Pull:
         self._last: int | None = None  # delivery sequence of the last message received
         self._reconnects = 0  # the connection's reconnect count then
         self._resync: _Resync | None = None
+        self._handed_out: dict[int, None] = {}  # stream sequences lately handed out, in order
 
     async def start(self) -> _Pull:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._arrived)
@@ -382,23 +390,28 @@ class _Pull:
         # Until it can ask, come back soon to see whether everything fetched was settled.
         arrived = await self._receive(batch, wait, 0.05 if r and r.through is None else wait)
         taken = []
-        reconnected = int(self._nc.stats["reconnects"]) != self._reconnects
-        self._reconnects = int(self._nc.stats["reconnects"])
         for msg in arrived:
             delivery = msg.metadata.sequence.consumer
             last, self._last = self._last, delivery  # (a step back: a new consumer leader)
-            jumped = last is not None and delivery > last + 1
-            if jumped and (self._gaps == "any" or reconnected):
-                assert last is not None
+            if self._lost_deliveries() and last is not None and delivery > last + 1:
                 self.resync(lost=delivery - last - 1)
-            reconnected = False  # only the first delivery after a reconnect says anything
             if self._resync is None:
                 taken.append(msg)
+                self._handed_out[msg.metadata.sequence.stream] = None
+                if len(self._handed_out) > HANDED_OUT_KEPT:
+                    del self._handed_out[next(iter(self._handed_out))]
             else:
                 self._resync.hold(msg)
         if self._resync is not None:
             return taken + await self._release_when_complete(self._resync)
         return taken
+
+    def _lost_deliveries(self) -> bool:
+        """Whether a jump before this delivery would mean deliveries were lost (``Gaps``): on
+        a shared consumer only the first delivery since a reconnect can tell."""
+        reconnects = int(self._nc.stats["reconnects"])
+        reconnected, self._reconnects = reconnects != self._reconnects, reconnects
+        return self._gaps == "any" or reconnected
 
     async def _receive(self, batch: int, wait: float, patience: float) -> list[Msg]:
         """Stream messages that arrived (waiting up to ``patience`` for one), keeping a pull
@@ -441,6 +454,7 @@ class _Pull:
             info = await self._js.consumer_info(self._stream, self._durable)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise BusUnavailable(f"NATS: {exc!r}") from exc
+        r.asked += 1
         r.owed = int(info.num_ack_pending or 0)
         r.through = int(info.delivered.stream_seq or 0) if info.delivered else 0
         r.until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
@@ -449,18 +463,27 @@ class _Pull:
 
     async def _release_when_complete(self, r: _Resync) -> list[Msg]:
         """All held messages in stream order once the owed ones are in hand, else []."""
+        now = asyncio.get_running_loop().time()
+        if now >= r.progress_at:  # held messages must not run out their ack wait
+            r.progress_at = now + self._ack_wait / 3
+            for msg in r.held.values():
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
         if r.through is None:
             return []
-        now = asyncio.get_running_loop().time()
-        missing = r.owed - sum(1 for seq in r.held if seq <= r.through)
+        # A copy of a message handed out before (its ack wait ran out in a lane) is not
+        # owed: that one was settled. It goes out again all the same (a no-op by command id).
+        through, handed_out = r.through, self._handed_out
+        missing = r.owed - sum(1 for seq in r.held if seq <= through and seq not in handed_out)
         if missing > 0 and now < r.until:
-            if now >= r.progress_at:  # held messages must not run out their ack wait
-                r.progress_at = now + self._ack_wait / 3
-                for msg in r.held.values():
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
             return []
-        if missing > 0:
+        if missing > 0 and self._gaps == "any" and r.asked < RESYNC_ROUNDS:
+            # Only this process pulls: they should come (a consumer leader elected since
+            # re-arms their ack waits; a crashed lane's nak may delay one). Ask again.
+            log.info("resync_extended", consumer=self._durable, missing=missing)
+            r.through = None
+            return []
+        if missing > 0:  # settled by another replica (shared consumer) meanwhile
             log.warning("resync_gave_up", consumer=self._durable, missing=missing)
         self._resync = None
         return [r.held[seq] for seq in sorted(r.held)]
@@ -496,6 +519,7 @@ class _Resync:
     owed: int = 0  # messages unsettled then: all must be held before any is handed out
     until: float = 0.0  # loop time: the rest is given up on (settled by another process)
     progress_at: float = 0.0  # loop time of the next in-progress for held messages
+    asked: int = 0  # times the consumer was asked
 
     def hold(self, msg: Msg) -> None:
         seq = msg.metadata.sequence

@@ -457,6 +457,10 @@ class _Pull:
         r.asked += 1
         r.owed = int(info.num_ack_pending or 0)
         r.through = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        if self._last is None and self._gaps == "any" and info.delivered is not None:
+            # Taking a partition over: its next delivery must be the consumer's next one, or
+            # it went elsewhere (a dead owner's pull request still open on the server).
+            self._last = int(info.delivered.consumer_seq or 0)
         r.until = asyncio.get_running_loop().time() + self._ack_wait + REDELIVERY_GRACE
         if r.owed:
             log.info("resync_owed", consumer=self._durable, owed=r.owed, held=len(r.held))
@@ -489,8 +493,9 @@ class _Pull:
         return [r.held[seq] for seq in sorted(r.held)]
 
     async def relinquish(self, held: Sequence[Msg]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._open > 0 and (left := self._until - loop.time()) > -0.1:
+        # Until the last pull request expired, whatever its open count says (a late 408 of
+        # an earlier request zeroes it), a delivery can still arrive here and be stranded.
+        if (left := self._until - asyncio.get_running_loop().time()) > -0.1:
             await asyncio.sleep(left + 0.1)  # the server's clock started a little later
         back = {m.metadata.sequence.stream: m for m in held}
         if self._resync is not None:

@@ -53,6 +53,14 @@ class BusUnavailable(Exception):
     """NATS could not be reached or did not answer in time; retry later."""
 
 
+@contextlib.asynccontextmanager
+async def _translated() -> Any:
+    try:
+        yield
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise BusUnavailable(f"NATS: {exc!r}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     """Stream and consumer settings that are configuration, not constants."""
@@ -161,7 +169,7 @@ class NatsBus:
             config_of(s.wake_stream, [s.wake_all], lim.commands_max_age, **dedup),
             config_of(s.dlq_stream, [s.dlq_all], lim.dlq_max_age),
         ]
-        async with self._translated():
+        async with _translated():
             for config in streams:
                 try:
                     await self.js.add_stream(config)
@@ -225,13 +233,13 @@ class NatsBus:
 
     async def pending(self, durable: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a consumer."""
-        async with self._translated():
+        async with _translated():
             info = await self.js.consumer_info(self._streams[durable], durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
     async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
         """Publish ``batch`` in order, pipelined, and return once JetStream acked all."""
-        async with self._translated():
+        async with _translated():
             futures = []
             for m in batch:
                 headers = {names.MSG_ID: m.msg_id}
@@ -253,12 +261,12 @@ class NatsBus:
             names.DLQ_STREAM_SEQ: str(meta.sequence.stream),
             names.DLQ_DELIVERED: str(meta.num_delivered),
         }
-        async with self._translated():
+        async with _translated():
             await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
 
     async def nudge_relay(self) -> None:
         """Tell the replica holding the relay lock that this one committed outbox rows."""
-        async with self._translated():
+        async with _translated():
             await self.nc.publish(self.subjects.relay_nudge, b"")
 
     async def on_relay_nudge(self, callback: Callable[[], None]) -> None:
@@ -267,19 +275,19 @@ class NatsBus:
         async def nudged(msg: Msg) -> None:
             callback()
 
-        async with self._translated():
+        async with _translated():
             await self.nc.subscribe(self.subjects.relay_nudge, cb=nudged)
 
     async def serve(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
         """Serve requests on ``subject`` in the shared queue group."""
-        async with self._translated():
+        async with _translated():
             await self.nc.subscribe(subject, queue=self.subjects.api_queue, cb=handler)
 
     async def listen(
         self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
     ) -> Callable[[], Awaitable[None]]:
         """Subscribe (core NATS, queue group) and return the function that unsubscribes."""
-        async with self._translated():
+        async with _translated():
             sub = await self.nc.subscribe(subject, queue=queue, cb=handler)
         return sub.unsubscribe
 
@@ -299,13 +307,6 @@ class NatsBus:
         except Exception:  # a drain that cannot finish must not keep the process alive
             with contextlib.suppress(Exception):
                 await self.nc.close()
-
-    @contextlib.asynccontextmanager
-    async def _translated(self) -> Any:
-        try:
-            yield
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"NATS: {exc!r}") from exc
 
 
 class _Pull:
@@ -389,6 +390,8 @@ class _Pull:
             await self._ask(r)
         # Until it can ask, come back soon to see whether everything fetched was settled.
         arrived = await self._receive(batch, wait, 0.05 if r and r.through is None else wait)
+        if self._gaps == "ignore":  # never resyncs: nothing to track
+            return arrived
         taken = []
         for msg in arrived:
             delivery = msg.metadata.sequence.consumer
@@ -449,11 +452,9 @@ class _Pull:
 
     async def _ask(self, r: _Resync) -> None:
         """How many messages are unsettled now, up to which stream sequence."""
-        try:
+        async with _translated():
             await self._nc.flush(timeout=5)  # this process's acks reach the server first
             info = await self._js.consumer_info(self._stream, self._durable)
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"NATS: {exc!r}") from exc
         r.asked += 1
         r.owed = int(info.num_ack_pending or 0)
         r.through = int(info.delivered.stream_seq or 0) if info.delivered else 0
@@ -528,9 +529,8 @@ class _Resync:
 
     def hold(self, msg: Msg) -> None:
         seq = msg.metadata.sequence
-        if (
-            had := self.held.get(seq.stream)
-        ) is None or had.metadata.sequence.consumer < seq.consumer:
+        had = self.held.get(seq.stream)
+        if had is None or had.metadata.sequence.consumer < seq.consumer:
             self.held[seq.stream] = msg  # the latest delivery's ack is the one that counts
 
 

@@ -26,6 +26,9 @@ class Sizes:
     e2e_flows: int = 10_000
     e2e_block: int = 64  # a producer sends creates, starts, updates, finishes per block
     latency_fractions: tuple[float, ...] = (0.25, 0.5, 0.9)
+    # instead of fractions of this run's saturation: these offered rates (commands/s), so
+    # two builds are compared at the same load (empty: use latency_fractions)
+    latency_rates: tuple[float, ...] = ()
     latency_seconds: float = 20.0
     producers: int = 2
     # 2. limits

@@ -224,7 +224,8 @@ async def paced(
     cpu.stop()
     reports = await group.results(timeout=120)
     producers = summarize(reports)
-    got = [m for m in recorder.messages[first:] if m.command_id and m.command_id.startswith(tag)]
+    mine = f"{tag}-"  # ("l5" must not take "l50-..." ids)
+    got = [m for m in recorder.messages[first:] if m.command_id and m.command_id.startswith(mine)]
     latencies = [m.at - int(m.command_id.rsplit("@", 1)[1]) / 1e9 for m in got if m.command_id]
     write_latencies(ctx.out / f"latency-{tag}.tsv", got, latencies)
     last = max((m.at for m in got), default=t0)
@@ -282,8 +283,10 @@ async def _latency_runs(
     ctx: Context, daemon: Flowd, recorder: natsutil.Recorder, sat: dict[str, Any]
 ) -> list[dict[str, Any]]:
     runs = []
-    for fraction in ctx.sizes.latency_fractions:
-        offered = fraction * sat["commands_per_s"]
+    saturated = sat["commands_per_s"]
+    rates = ctx.sizes.latency_rates or [f * saturated for f in ctx.sizes.latency_fractions]
+    for offered in rates:
+        fraction = round(offered / saturated, 3)
         print(f"  latency at {fraction:.0%}: {offered:.0f} commands/s")
         await asyncio.sleep(0.5)  # let the previous run's tail settle
         run = await paced(ctx, daemon, recorder, offered, f"l{int(fraction * 100)}")

@@ -12,7 +12,6 @@ Decoding sorts every message into exactly one of three results:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated, Final, Literal
 from uuid import UUID
@@ -20,7 +19,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from flowd.bus.subjects import MSG_ID, VERBS
-from flowd.core import errors
+from flowd.core import errors, jsontext
 from flowd.core.models import CreateManagedInput, JsonObject
 from flowd.core.status import FlowStepStatus, SyncMode
 
@@ -177,7 +176,7 @@ def parse_json(data: bytes, max_payload: int) -> object:
     if not data.strip():
         return {}
     try:
-        value = json.loads(data, parse_constant=_no_constant)
+        value = jsontext.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:

@@ -7,6 +7,7 @@ surface as ``BusUnavailable``; everything above this module sees flowd types onl
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,6 +119,7 @@ class NatsBus:
         self.limits = limits
         self._subs: dict[str, _Pull] = {}
         self._streams: dict[str, str] = {}
+        self._acks: _Acks | None = None
 
     @property
     def connected(self) -> bool:
@@ -238,18 +240,25 @@ class NatsBus:
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
     async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
-        """Publish ``batch`` in order, pipelined, and return once JetStream acked all."""
+        """Publish ``batch`` in order, pipelined, and return once JetStream acked all (else
+        BusUnavailable: nothing is known about which landed; a re-send is dropped by id)."""
+        if self._acks is None:
+            self._acks = await _Acks(self.nc).start()
         async with _translated():
-            futures = []
-            for m in batch:
-                headers = {names.MSG_ID: m.msg_id}
-                if m.command_id is not None:
-                    headers[names.COMMAND_ID] = m.command_id
-                body = m.text().encode()
-                futures.append(
-                    await self.js.publish_async(self.subjects.topic(m.topic), body, headers=headers)
-                )
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+            waiting = self._acks.expect(len(batch))
+            try:
+                for m, reply in zip(batch, waiting.replies, strict=True):
+                    headers = {names.MSG_ID: m.msg_id}
+                    if m.command_id is not None:
+                        headers[names.COMMAND_ID] = m.command_id
+                    body = m.text().encode()
+                    await self.nc.publish(self.subjects.topic(m.topic), body, reply, headers)
+                async with asyncio.timeout(10):
+                    await waiting.done
+            finally:
+                self._acks.forget(waiting)
+            if waiting.error is not None:
+                raise BusUnavailable(f"JetStream refused an event: {waiting.error}")
 
     async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
         """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it."""
@@ -309,6 +318,60 @@ class NatsBus:
                 await self.nc.close()
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """One batch of publishes whose acks are awaited (``_Acks``)."""
+
+    replies: list[str]
+    done: asyncio.Future[None]
+    left: int
+    error: str | None = None
+
+
+class _Acks:
+    """JetStream publish acks for the outbox relay: one reply subscription for all, a
+    counter per batch. nats-py's ``publish_async`` costs a semaphore wait, a random token, a
+    future and a JSON parse per message; the relay publishes every event, so it counts acks
+    itself and parses only a refusal."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._next = 0
+        self._batches: dict[str, _Waiting] = {}  # reply subject -> its batch
+
+    async def start(self) -> _Acks:
+        await self._nc.subscribe(f"{self._prefix}.*", cb=self._ack)
+        return self
+
+    def expect(self, count: int) -> _Waiting:
+        first, self._next = self._next, self._next + count
+        replies = [f"{self._prefix}.{n}" for n in range(first, first + count)]
+        waiting = _Waiting(replies, asyncio.get_running_loop().create_future(), count)
+        for reply in replies:
+            self._batches[reply] = waiting
+        if not count:
+            waiting.done.set_result(None)
+        return waiting
+
+    def forget(self, waiting: _Waiting) -> None:
+        for reply in waiting.replies:
+            self._batches.pop(reply, None)
+
+    async def _ack(self, msg: Msg) -> None:
+        waiting = self._batches.pop(msg.subject, None)
+        if waiting is None:
+            return  # the batch gave up (timed out) already
+        if msg.headers and msg.headers.get(api.Header.STATUS):  # 503: no stream listens
+            waiting.error = waiting.error or f"status {msg.headers.get(api.Header.STATUS)}"
+        elif b'"error"' in msg.data:
+            error = jsontext.loads(msg.data).get("error", {})
+            waiting.error = waiting.error or f"{error.get('code')} {error.get('description')}"
+        waiting.left -= 1
+        if not waiting.left and not waiting.done.done():
+            waiting.done.set_result(None)
+
+
 class _Pull:
     """A durable pull consumer, pulled continuously, whose messages come out in stream order.
 
@@ -356,7 +419,12 @@ class _Pull:
         self._gaps = gaps
         self._ack_wait = ack_wait
         self._inbox = self._nc.new_inbox()
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # What the subscription delivered and no fetch took yet; a fetch waiting for the
+        # next arrival waits on ``_waiter`` (a future and a timer: cheaper than wait_for's
+        # task per fetch on this, the busiest path).
+        self._arrivals: collections.deque[Msg] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sub: Any = None
         self._open = 0  # messages the open request may still bring
         self._until = 0.0  # when it expires (loop time)
@@ -366,11 +434,27 @@ class _Pull:
         self._handed_out: dict[int, None] = {}  # stream sequences lately handed out, in order
 
     async def start(self) -> _Pull:
+        self._loop = asyncio.get_running_loop()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._arrived)
         return self
 
     async def _arrived(self, msg: Msg) -> None:
-        self._queue.put_nowait(msg)
+        self._arrivals.append(msg)
+        if self._waiter is not None:
+            _wake(self._waiter)
+
+    async def _arrival(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message to arrive; whether one is there."""
+        if not self._arrivals:
+            assert self._loop is not None, "start() first"
+            self._waiter = waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return bool(self._arrivals)
 
     def resync(self, *, lost: int = 0) -> None:
         """Hold everything back until the consumer's unsettled messages are all in hand
@@ -419,22 +503,19 @@ class _Pull:
     async def _receive(self, batch: int, wait: float, patience: float) -> list[Msg]:
         """Stream messages that arrived (waiting up to ``patience`` for one), keeping a pull
         request of ``batch`` expiring after ``wait`` open."""
-        loop = asyncio.get_running_loop()
-        arrived: list[Msg] = []
-        if self._queue.empty():
+        loop = self._loop
+        assert loop is not None, "start() first"
+        if not self._arrivals:
             if self._open <= 0 or loop.time() >= self._until:
                 request = {"batch": batch, "expires": int(wait * 1e9)}
                 await self._nc.publish(self._next, jsontext.dumps(request).encode(), self._inbox)
                 self._open, self._until = batch, loop.time() + wait
-            timeout = min(self._until - loop.time() + 0.1, patience)
-            try:
-                arrived.append(await asyncio.wait_for(self._queue.get(), timeout))
-            except TimeoutError:
+            if not await self._arrival(min(self._until - loop.time() + 0.1, patience)):
                 if loop.time() >= self._until:
                     self._open = 0  # expired (its 408 may still come: harmless)
                 return []
-        while not self._queue.empty():
-            arrived.append(self._queue.get_nowait())
+        arrived = list(self._arrivals)
+        self._arrivals.clear()
         msgs, refused = [], ""
         for msg in arrived:
             status = _status(msg)
@@ -501,8 +582,8 @@ class _Pull:
         back = {m.metadata.sequence.stream: m for m in held}
         if self._resync is not None:
             back.update(self._resync.held)
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
+        while self._arrivals:
+            msg = self._arrivals.popleft()
             if not _status(msg):
                 back.setdefault(msg.metadata.sequence.stream, msg)
         # Whoever pulls next resyncs (it sorts what comes back), so the order of naks is
@@ -532,6 +613,11 @@ class _Resync:
         had = self.held.get(seq.stream)
         if had is None or had.metadata.sequence.consumer < seq.consumer:
             self.held[seq.stream] = msg  # the latest delivery's ack is the one that counts
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _status(msg: Msg) -> str | None:

@@ -338,23 +338,23 @@ class _Lanes:
         self._lanes: dict[str, Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self.handed_back: list[Message] = []
+        #: Messages taken and not yet settled (acked, nak'd or handed back): every message
+        #: leaves its lane through ``_settled``.
+        self.in_flight = 0
 
     @property
     def idle(self) -> bool:
         return not self._lanes
 
-    @property
-    def in_flight(self) -> int:
-        """Messages taken and not yet settled (acked, nak'd or handed back)."""
-        return sum(map(len, self._lanes.values()))
-
     def add(self, key: str, decoded: codec.Decoded | Exception, msg: Message) -> None:
+        self.in_flight += 1
         if (lane := self._lanes.get(key)) is not None:
             lane.append((msg, decoded))  # its flow's lane is running: it comes next
             return
         lane = self._lanes[key] = collections.deque([(msg, decoded)])
-        task = asyncio.create_task(self._run(key, lane))
+        task = self._loop.create_task(self._run(key, lane))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -372,6 +372,7 @@ class _Lanes:
             del self._lanes[key]
 
     def _settled(self) -> None:
+        self.in_flight -= 1
         self._room.set()
 
     async def wait_for_room(self, timeout: float) -> None:

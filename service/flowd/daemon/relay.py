@@ -43,17 +43,23 @@ class OutboxRelay:
         self.metrics = metrics
         self.interval = interval
         self.batch = batch
-        self._wake = asyncio.Event()
+        # A wake since the last drain began, and the future a sleeping relay waits on (one
+        # future and a timer per round, not an Event and its tasks: this runs after every
+        # commit).
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
         """Ask for a drain now (called after local commits)."""
-        self._wake.set()
+        self._woken = True
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     def nudged(self) -> None:
         """Another replica committed outbox rows: drain now, unless another replica holds
         the drain lock (then it was nudged too, and this relay has nothing to do)."""
         if not self.store.outbox_drained_elsewhere():
-            self._wake.set()
+            self.wake()
 
     async def start(self) -> None:
         """Listen for other replicas' nudges."""
@@ -78,10 +84,11 @@ class OutboxRelay:
         backoff = self.interval
         woken = False
         tried = -float("inf")  # when this relay last tried to drain (and so the lock)
+        stopping = loop.create_task(self._wake_on(stop))
         while not stop.is_set():
             # Cleared before draining, not after: a commit landing during the drain sets it
             # again, and its rows leave right after this drain, not at the next poll.
-            self._wake.clear()
+            self._woken = False
             try:
                 # Without the lock, drain (try the lock) only once per interval: a holder that
                 # died or let go is taken over within it, however busy this replica is.
@@ -95,17 +102,26 @@ class OutboxRelay:
                 self.metrics.inc("outbox_errors_total")
                 log.warning("outbox_relay_failed", error=str(exc), retry_in=backoff)
                 backoff = min(backoff * 2, 5.0)
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=backoff, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                waiter.cancel()
-                stopper.cancel()
-            woken = self._wake.is_set()
+            await self._sleep(loop, backoff)
+            woken = self._woken
+        stopping.cancel()
         await self.flush(seconds=10)
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.wake()
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Until woken, or ``seconds`` passed."""
+        if self._woken:
+            return
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def flush(self, seconds: float) -> None:
         """Drain what is left, giving up after ``seconds`` (rows stay for later)."""
@@ -125,3 +141,8 @@ class OutboxRelay:
                     await asyncio.sleep(0.05)  # another replica may hold the drain lock
         except TimeoutError:
             log.warning("outbox_flush_incomplete")
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -772,11 +772,14 @@ class _GroupCommit:
         self._started: list[float] = []  # start times of the transactions in flight
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._timer: asyncio.TimerHandle | None = None
+        # The pool's loop, looked up once: on Python 3.11 every get_running_loop() is a
+        # getpid() system call, and this runs once or twice per change.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # transactions of more than one change (tests, metrics)
 
     async def fetchrow(self, *args: Any) -> Any:
         """The statement's row for ``args``, committed; or its error."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         if not self._waiting and self._free(loop.time()):
             started = self._begin(loop.time())
             try:
@@ -787,6 +790,10 @@ class _GroupCommit:
         self._waiting.append((args, done))
         self._next()
         return await done
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _free(self, now: float) -> bool:
         """Whether another transaction may start: none in flight that is not stalled."""
@@ -806,7 +813,7 @@ class _GroupCommit:
         """Send what waits if a transaction may start, else make sure we look again."""
         if not self._waiting:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         now = loop.time()
         if self._free(now):
             batch = [item for item in self._waiting[: self._max_batch] if not item[1].done()]

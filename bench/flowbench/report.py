@@ -274,7 +274,8 @@ def how_run(r: dict[str, Any]) -> str:
         "- **Daemon:** `python -m flowd run` subprocess per scenario, own database and subject "
         "prefix, FLOWD_LOG_LEVEL=warning, FLOWD_LOG_FORMAT=json, other settings default "
         "(FLOWD_BATCH 128, FLOWD_CONCURRENCY 128, FLOWD_POOL_SIZE 10) unless listed below.",
-        "- **Load:** open loop. Producers are 2 separate processes (multiprocessing, spawn); "
+        "- **Load:** open loop. Producers are 2 separate processes (multiprocessing, spawn) "
+        "that speak the NATS protocol over a plain socket (bench/flowbench/producers.py); "
         "every party (producers, harness, flowd, PostgreSQL, nats-server) shares the "
         "machine's cores, so producers compete with the daemon. Producers and harness keep "
         "their garbage collector off while measuring (bench/flowbench/quiet.py). Nothing here "

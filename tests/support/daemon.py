@@ -198,7 +198,8 @@ class Wire:
             await asyncio.sleep(every)
 
     async def delete_streams(self) -> None:
-        for name in (self.s.cmd_stream, self.s.obs_stream, self.s.evt_stream, self.s.dlq_stream):
+        s = self.s
+        for name in (s.cmd_stream, s.obs_stream, s.evt_stream, s.wake_stream, s.dlq_stream):
             with suppress(Exception):
                 await self.js.delete_stream(name)
 

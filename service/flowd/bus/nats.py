@@ -242,9 +242,9 @@ class NatsBus:
     async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
         """Publish ``batch`` in order, pipelined, and return once JetStream acked all (else
         BusUnavailable: nothing is known about which landed; a re-send is dropped by id)."""
-        if self._acks is None:
-            self._acks = await _Acks(self.nc).start()
         async with _translated():
+            if self._acks is None:
+                self._acks = await _Acks(self.nc).start()
             waiting = self._acks.expect(len(batch))
             try:
                 for m, reply in zip(batch, waiting.replies, strict=True):

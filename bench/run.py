@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         report.render(json.loads((args.out / "results.json").read_text()), args.out, md)
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)  # scenarios write into it before results.json
     started = time.monotonic()
     results: dict[str, Any] = {
         "mode": "smoke" if args.smoke else "full",

@@ -34,15 +34,28 @@ def cpu_seconds(pid: int) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU of ``pid``, its live children and its reaped children (PostgreSQL backends)."""
-    root = stat(pid)
-    if root is None:
-        return 0.0
-    total = root.cpu + root.children_cpu
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (s := stat(int(entry.name))) is not None and s.ppid == pid:
-            total += s.cpu
-    return total
+    """CPU of ``pid``, its live children and its reaped children (PostgreSQL backends).
+
+    A child that exits while the children are read is in neither sum if the parent's count
+    of reaped children was read before it was reaped: pgbench's ten backends exit together
+    when it ends, and lost most of their time that way. So the parent is read before and
+    after the children, and the whole is read again until no child was reaped in between
+    (a zombie still shows its times in /proc, so it is counted once either way)."""
+    for _ in range(20):
+        first = stat(pid)
+        if first is None:
+            return 0.0
+        children = 0.0
+        for entry in Path("/proc").iterdir():
+            s = stat(int(entry.name)) if entry.name.isdigit() else None
+            if s is not None and s.ppid == pid:
+                children += s.cpu
+        last = stat(pid)
+        if last is None:
+            return 0.0
+        if last.children_cpu == first.children_cpu:
+            return last.cpu + last.children_cpu + children
+    return last.cpu + last.children_cpu + children
 
 
 def memory_kb(pid: int) -> dict[str, int]:

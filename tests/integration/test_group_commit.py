@@ -87,3 +87,31 @@ async def test_a_failing_statement_fails_only_its_own_change(
     assert (await manager.get(victim.id)).revision == 0
     assert [e.kind for e in await manager.list_events(victim.id)] == ["created"]
     assert pg_store._updates.batches == 0  # the shared transaction rolled back, each went alone
+
+
+async def test_every_commit_gives_its_connection_back_to_the_pool(database_url: str) -> None:
+    # One connection: a commit that kept it, on success or on error, blocks the next forever.
+    store = await PostgresFlowStore.connect(database_url, min_size=1, max_size=1)
+    try:
+        manager = FlowManager(store, cache_size=0)
+        first, *others, victim = await created(manager, 8)
+        taken = (await manager.list_events(first.id))[0].id
+        clumsy = FlowManager(store, cache_size=0, new_id=lambda: taken)  # a unique violation
+        for flow in others[:3]:  # one after another: each commit goes alone
+            await asyncio.wait_for(manager.start_running(flow.id), timeout=5)
+        # Concurrent ones share transactions; the failing one fails alone, then again alone.
+        results: list[Any] = await asyncio.wait_for(
+            asyncio.gather(
+                *(manager.start_running(f.id) for f in others[3:]),
+                clumsy.start_running(victim.id),
+                return_exceptions=True,
+            ),
+            timeout=5,
+        )
+        assert [r.revision for r in results[:-1]] == [1] * len(others[3:])
+        assert isinstance(results[-1], asyncpg.UniqueViolationError)
+        assert (await asyncio.wait_for(manager.start_running(first.id), timeout=5)).revision == 1
+        await asyncio.sleep(0.05)  # the last release runs in the background
+        assert store._pool.get_idle_size() == 1
+    finally:
+        await asyncio.wait_for(store.close(), timeout=5)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import asyncpg
 import pytest
 
@@ -28,3 +31,39 @@ async def test_a_query_error_is_not_hidden() -> None:
     with pytest.raises(asyncpg.UndefinedTableError):
         async with postgres._translated():
             raise asyncpg.UndefinedTableError("relation does not exist")
+
+
+class _Con:
+    async def fetchrow(self, sql: str, *args: object) -> dict[str, object]:
+        return {"args": args}
+
+
+class _BrokenReleasePool:
+    """Hands out a connection whose release fails (asyncpg terminated it meanwhile)."""
+
+    def __init__(self) -> None:
+        self.released = 0
+
+    async def acquire(self) -> _Con:
+        return _Con()
+
+    async def release(self, con: _Con) -> None:
+        self.released += 1
+        raise asyncpg.InterfaceError("connection is closed")
+
+
+async def test_a_failed_background_release_is_nobodys_error() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        pool = _BrokenReleasePool()
+        commit = postgres._GroupCommit(pool, "SELECT $1")  # type: ignore[arg-type]
+        assert await commit.fetchrow(7) == {"args": (7,)}  # the caller has its row at once
+        for _ in range(5):
+            await asyncio.sleep(0)  # the release runs in the background
+        gc.collect()
+        assert pool.released == 1
+        assert reported == []  # no "Task exception was never retrieved"
+    finally:
+        loop.set_exception_handler(None)

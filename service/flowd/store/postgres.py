@@ -940,10 +940,17 @@ class _GroupCommit:
             await pool.release(con)
             raise
         loop = self._loop or self._bind_loop()
-        task = loop.create_task(pool.release(con))
+        task = loop.create_task(_give_back(pool, con))
         _background.add(task)
         task.add_done_callback(_background.discard)
         return result
+
+
+async def _give_back(pool: asyncpg.Pool[Any], con: asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+    """Release ``con`` in the background. A failure here means asyncpg has terminated the
+    connection already and the pool opens a new one when needed: nobody to tell."""
+    with contextlib.suppress(Exception):
+        await pool.release(con)
 
 
 async def _fetchrow(con: _Conn, sql: str, args: Any) -> Any:

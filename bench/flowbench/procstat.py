@@ -54,7 +54,7 @@ def tree_cpu_seconds(pid: int) -> float:
         if last is None:
             return 0.0
         if last.children_cpu == first.children_cpu:
-            return last.cpu + last.children_cpu + children
+            break
     return last.cpu + last.children_cpu + children
 
 

@@ -823,7 +823,7 @@ class _GroupCommit:
         if not self._waiting and self._free(loop.time()):
             started = self._begin(loop.time())
             try:
-                return await self._on_connection(_fetchrow, self._sql, args)
+                return await self._on_connection(_fetchrow, args)
             finally:
                 self._end(started)
         done: asyncio.Future[Any] = loop.create_future()
@@ -875,57 +875,50 @@ class _GroupCommit:
     async def _run(
         self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], started: float
     ) -> None:
-        ended = False  # _end() called
         try:
-            if len(batch) == 1:
-                args, done = batch[0]
-                try:
-                    outcome = await self._on_connection(_fetchrow, self._sql, args)
-                except Exception as exc:
-                    outcome = exc
-                self._end(started)  # first: see below
-                ended = True
-                _resolve(done, outcome)
-                return
-            batch.sort(key=lambda item: item[0][0])  # $1 is the flow id in both statements
-            try:
-                rows = await self._on_connection(_fetchmany, self._sql, [args for args, _ in batch])
-            except asyncpg.PostgresError:
-                # One statement failed, or one change's values could not be encoded (asyncpg
-                # raises DataError, a PostgresError, for that too): nothing of the batch
-                # landed; each change goes alone, so each gets only its own error.
-                await asyncio.gather(*(self._alone(args, done) for args, done in batch))
-                return
-            except Exception as exc:  # the connection, not a statement: everyone's error
-                for _, done in batch:
-                    _resolve(done, exc)
-                return
-            self.batches += 1
+            outcomes = await self._send(batch)
+        finally:
             # Ended before its callers hear of it: the next batch's task is then scheduled
             # ahead of their resumption and goes out first, not after each of them ran on.
             self._end(started)
-            ended = True
-            for (_, done), row in zip(batch, rows, strict=True):
-                _resolve(done, row)
-        finally:
-            if not ended:
-                self._end(started)
+        for done, outcome in outcomes:
+            _resolve(done, outcome)
 
-    async def _alone(self, args: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+    async def _send(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any]]:
+        """Each caller's row or error, the batch sent as one transaction."""
+        if len(batch) == 1:
+            args, done = batch[0]
+            return [(done, await self._outcome(args))]
+        batch.sort(key=lambda item: item[0][0])  # $1 is the flow id in both statements
         try:
-            row = await self._on_connection(_fetchrow, self._sql, args)
+            rows = await self._on_connection(_fetchmany, [args for args, _ in batch])
+        except asyncpg.PostgresError:
+            # One statement failed, or one change's values could not be encoded (asyncpg
+            # raises DataError, a PostgresError, for that too): nothing of the batch
+            # landed; each change goes alone, so each gets only its own error.
+            alone = await asyncio.gather(*(self._outcome(args) for args, _ in batch))
+            return [(done, outcome) for (_, done), outcome in zip(batch, alone, strict=True)]
+        except Exception as exc:  # the connection, not a statement: everyone's error
+            return [(done, exc) for _, done in batch]
+        self.batches += 1
+        return [(done, row) for (_, done), row in zip(batch, rows, strict=True)]
+
+    async def _outcome(self, args: tuple[Any, ...]) -> Any:
+        """The statement's row for ``args`` sent alone, or its error."""
+        try:
+            return await self._on_connection(_fetchrow, args)
         except Exception as exc:
-            _resolve(done, exc)
-        else:
-            _resolve(done, row)
+            return exc
 
     async def _on_connection(
         self,
         call: Callable[[_Conn, str, Any], Awaitable[Any]],
-        sql: str,
         args: Any,
     ) -> Any:
-        """``call`` on a pool connection, given back after the caller has its answer.
+        """``call`` (the statement, ``args``) on a pool connection, given back after the
+        caller has its answer.
 
         asyncpg's release runs under asyncio.shield, a task: awaited, it holds the answer
         back for two more turns of the event loop, and under load each turn is long. Released
@@ -935,7 +928,7 @@ class _GroupCommit:
         pool = self._pool
         con = await pool.acquire()
         try:
-            result = await call(con, sql, args)
+            result = await call(con, self._sql, args)
         except BaseException:
             await pool.release(con)
             raise

@@ -118,10 +118,11 @@ async def _run(args: argparse.Namespace, results: dict[str, Any]) -> bool:
         ):
             if name in chosen:
                 steps.append((name, functools.partial(runner, ctx)))
+        results["cpu_probe"] = {"start": env.cpu_probe()}
         for name, step in steps:
             load = procstat.loadavg()
             print(f"== {name} (load average {load})")
-            started = time.monotonic()
+            started, steal = time.monotonic(), procstat.steal_seconds()
             try:
                 results["scenarios"][name] = await step()
             except Exception as exc:
@@ -130,7 +131,9 @@ async def _run(args: argparse.Namespace, results: dict[str, Any]) -> bool:
                 results["scenarios"][name] = {"error": traceback.format_exc()}
             results["scenarios"][name]["elapsed_s"] = round(time.monotonic() - started, 1)
             results["scenarios"][name]["loadavg_before_after"] = [load, procstat.loadavg()]
+            results["scenarios"][name]["steal_s"] = round(procstat.steal_seconds() - steal, 2)
             _write_json(args.out, results)  # partial results survive a later crash
+        results["cpu_probe"]["end"] = env.cpu_probe()
     finally:
         if not args.keep and servers.databases:
             try:

@@ -265,6 +265,20 @@ def git() -> dict[str, Any]:
     }
 
 
+def cpu_probe(rounds: int = 5, n: int = 1_000_000) -> dict[str, float]:
+    """A fixed pure-Python loop, best of ``rounds``: ns per iteration on one core. The same
+    code's numbers move with this machine's speed (a virtual machine's host varies from day
+    to day), so RESULTS.md carries it beside them: compare runs only at similar values."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return {"ns_per_iteration": round(best / n * 1e9, 1)}
+
+
 def fsync_probe(directory: Path, writes: int = 200) -> dict[str, float]:
     """8 kB write + fdatasync, ``writes`` times, in ``directory``: the disk's WAL-flush floor."""
     directory.mkdir(parents=True, exist_ok=True)

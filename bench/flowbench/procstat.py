@@ -72,11 +72,22 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _cpu_fields() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all processes on the machine have used (busy time from /proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    fields = _cpu_fields()
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / TICKS
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this machine's vCPUs to someone else (/proc/stat
+    'steal'; 0 on bare metal): time the benchmark wanted a core and had none."""
+    fields = _cpu_fields()
+    return fields[7] / TICKS if len(fields) > 7 else 0.0
 
 
 def loadavg() -> str:

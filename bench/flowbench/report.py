@@ -281,12 +281,39 @@ def how_run(r: dict[str, Any]) -> str:
         "their garbage collector off while measuring (bench/flowbench/quiet.py). Nothing here "
         "is asserted: the harness only measures.",
     ]
+    lines += _host_speed(r)
     if other is not None:
         lines.append(
             f"- **Noise:** processes outside the benchmark used {other} CPU-seconds during the "
             f"{sat.get('wall_seconds')} s saturation run (/proc/stat minus every measured party)."
         )
     return "\n".join(lines) + "\n"
+
+
+def _host_speed(r: dict[str, Any]) -> list[str]:
+    """The machine's speed during the run: a CPU probe and the hypervisor's steal."""
+    lines = []
+    probe = r.get("cpu_probe") or {}
+    if start := probe.get("start"):
+        end = probe.get("end") or {}
+        lines.append(
+            f"- **CPU speed:** a fixed pure-Python loop took {start['ns_per_iteration']} ns per "
+            f"iteration before the first scenario and {end.get('ns_per_iteration', '?')} after "
+            "the last (bench/flowbench/env.py `cpu_probe`, best of 5). The same code's numbers "
+            "move with it: compare runs only at similar values."
+        )
+    cores = int(r.get("machine", {}).get("nproc") or 1)
+    steal = [
+        f"{name} {sc['steal_s']} s ({100 * sc['steal_s'] / (sc['elapsed_s'] * cores):.1f} %)"
+        for name, sc in r.get("scenarios", {}).items()
+        if "steal_s" in sc and sc.get("elapsed_s")
+    ]
+    if steal:
+        lines.append(
+            "- **Steal:** CPU time the hypervisor gave these vCPUs to others during each "
+            "scenario (/proc/stat; share of its wall time times cores): " + ", ".join(steal)
+        )
+    return lines
 
 
 def e2e(sc: dict[str, Any], chart: Path | None, md: Path) -> str:

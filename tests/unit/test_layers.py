@@ -18,7 +18,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "flowd.store.postgres": ("flowd.core", "flowd.store.port", "flowd.store.migrate"),
     "flowd.manager": ("flowd.core", "flowd.store.port"),
     "flowd.embedded": (),
-    "flowd.bus": ("flowd.core", "flowd.bus"),
+    "flowd.aio": (),
+    "flowd.bus": ("flowd.core", "flowd.bus", "flowd.aio"),
     "flowd.config": ("flowd.bus.subjects",),
     "flowd.client": ("flowd.core", "flowd.bus"),
     "flowd.daemon": (
@@ -27,6 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "flowd.store",
         "flowd.bus",
         "flowd.daemon",
+        "flowd.aio",
         "flowd.config",
         "flowd.embedded",
     ),

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+from flowd.aio import Wakeup
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
 from flowd.core import jsontext
@@ -423,7 +424,7 @@ class _Pull:
         # next arrival waits on ``_waiter`` (a future and a timer: cheaper than wait_for's
         # task per fetch on this, the busiest path).
         self._arrivals: collections.deque[Msg] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup = Wakeup()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sub: Any = None
         self._open = 0  # messages the open request may still bring
@@ -440,20 +441,12 @@ class _Pull:
 
     async def _arrived(self, msg: Msg) -> None:
         self._arrivals.append(msg)
-        if self._waiter is not None:
-            _wake(self._waiter)
+        self._wakeup.wake()
 
     async def _arrival(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a message to arrive; whether one is there."""
         if not self._arrivals:
-            assert self._loop is not None, "start() first"
-            self._waiter = waiter = self._loop.create_future()
-            timer = self._loop.call_later(timeout, _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._wakeup.wait(timeout)
         return bool(self._arrivals)
 
     def resync(self, *, lost: int = 0) -> None:
@@ -613,11 +606,6 @@ class _Resync:
         had = self.held.get(seq.stream)
         if had is None or had.metadata.sequence.consumer < seq.consumer:
             self.held[seq.stream] = msg  # the latest delivery's ack is the one that counts
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _status(msg: Msg) -> str | None:

@@ -17,6 +17,7 @@ import asyncio
 
 import structlog
 
+from flowd.aio import Wakeup
 from flowd.bus.nats import BusUnavailable, NatsBus
 from flowd.core import errors
 from flowd.core.outbox import OutboxMessage
@@ -43,17 +44,15 @@ class OutboxRelay:
         self.metrics = metrics
         self.interval = interval
         self.batch = batch
-        # A wake since the last drain began, and the future a sleeping relay waits on (one
-        # future and a timer per round, not an Event and its tasks: this runs after every
-        # commit).
+        # A wake since the last drain began, and what a sleeping relay waits on (this runs
+        # after every commit).
         self._woken = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup = Wakeup()
 
     def wake(self) -> None:
         """Ask for a drain now (called after local commits)."""
         self._woken = True
-        if self._waiter is not None:
-            _resolve(self._waiter)
+        self._wakeup.wake()
 
     def nudged(self) -> None:
         """Another replica committed outbox rows: drain now, unless another replica holds
@@ -102,7 +101,8 @@ class OutboxRelay:
                 self.metrics.inc("outbox_errors_total")
                 log.warning("outbox_relay_failed", error=str(exc), retry_in=backoff)
                 backoff = min(backoff * 2, 5.0)
-            await self._sleep(loop, backoff)
+            if not self._woken:
+                await self._wakeup.wait(backoff)
             woken = self._woken
         stopping.cancel()
         await self.flush(seconds=10)
@@ -110,18 +110,6 @@ class OutboxRelay:
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self.wake()
-
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        """Until woken, or ``seconds`` passed."""
-        if self._woken:
-            return
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
 
     async def flush(self, seconds: float) -> None:
         """Drain what is left, giving up after ``seconds`` (rows stay for later)."""
@@ -141,8 +129,3 @@ class OutboxRelay:
                     await asyncio.sleep(0.05)  # another replica may hold the drain lock
         except TimeoutError:
             log.warning("outbox_flush_incomplete")
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

@@ -430,17 +430,20 @@ class PostgresFlowStore:
                 return
         await self._commit_tx(change, command_id)
 
-    def _event_and_outbox_args(self, change: Change, command_id: str | None) -> list[Any]:
-        """The events' and outbox messages' parameters: scalars for one event (COMMIT_UPDATE,
-        COMMIT_STEP, COMMIT_INSERT_ONE), else arrays (COMMIT_INSERT)."""
+    def _event_and_outbox_args(
+        self, change: Change, command_id: str | None
+    ) -> tuple[bool, list[Any]]:
+        """The events' and outbox messages' parameters, and whether they are scalars (one
+        event: COMMIT_UPDATE, COMMIT_STEP, COMMIT_INSERT_ONE) or arrays (COMMIT_INSERT). One
+        answer to both, so a statement and its parameters cannot disagree."""
         ev = change.events
         msgs = change_messages(change, command_id) if self._outbox else []
         if len(ev) == 1:
             e = ev[0]
             m = msgs[0] if msgs else None
             outbox = [None] * 4 if m is None else [m.topic, m.msg_id, m.command_id, m.text()]
-            return [e.id, e.flow_id, e.revision, e.kind, e.payload, e.at, *outbox]
-        return [
+            return True, [e.id, e.flow_id, e.revision, e.kind, e.payload, e.at, *outbox]
+        return False, [
             [e.id for e in ev],
             [e.flow_id for e in ev],
             [e.revision for e in ev],
@@ -469,6 +472,8 @@ class PostgresFlowStore:
                 st.updated_at,
             ]
         statement = self._steps if step else self._updates
+        scalar, event_args = self._event_and_outbox_args(change, command_id)
+        assert scalar, "commit() routes changes of several events to _commit_tx"
         async with _translated(), _duplicate_on_conflict(command_id):
             row = await statement.fetchrow(
                 f.id,
@@ -482,7 +487,7 @@ class PostgresFlowStore:
                 f.revision,
                 f.updated_at,
                 applied_outcome(change),
-                *self._event_and_outbox_args(change, command_id),
+                *event_args,
                 change.conditions == (),
                 *step,
             )
@@ -495,8 +500,9 @@ class PostgresFlowStore:
 
     async def _commit_insert(self, change: Change, command_id: str | None) -> None:
         f = change.flow
+        scalar, event_args = self._event_and_outbox_args(change, command_id)
+        inserts = self._inserts if scalar else self._inserts_many
         async with _translated(), _duplicate_on_conflict(command_id):
-            inserts = self._inserts if len(change.events) == 1 else self._inserts_many
             row = await inserts.fetchrow(
                 f.id,
                 applied_outcome(change),
@@ -514,7 +520,7 @@ class PostgresFlowStore:
                 f.revision,
                 f.created_at,
                 f.updated_at,
-                *self._event_and_outbox_args(change, command_id),
+                *event_args,
             )
         if not await self._written(row, command_id):
             raise errors.FlowExists(f.id)

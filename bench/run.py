@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep databases and embedded data")
     p.add_argument(
+        "--idle-poll",
+        action="store_true",
+        help="idle CPUs poll instead of halting for the run (holds /dev/cpu_dma_latency at "
+        "0, as tuned's latency-performance profile does; root). On a VM this removes most "
+        "steal; it burns host CPU while idle",
+    )
+    p.add_argument(
         "--render-only",
         action="store_true",
         help="only re-render RESULTS.md and latency.png from <out>/results.json",
@@ -166,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": env.machine(),
         "scenarios": {},
     }
-    ok = asyncio.run(_run(args, results))
+    with env.cpu_idle(args.idle_poll) as idle:
+        results["cpu_idle"] = idle
+        ok = asyncio.run(_run(args, results))
     results["total_seconds"] = round(time.monotonic() - started, 1)
     _write_json(args.out, results)
     report.render(results, args.out, md)

@@ -6,15 +6,18 @@ production server, so commit latency includes a real WAL flush.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +266,42 @@ def git() -> dict[str, Any]:
         if diff
         else None,
     }
+
+
+DMA_LATENCY = Path("/dev/cpu_dma_latency")
+CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
+
+
+@contextlib.contextmanager
+def cpu_idle(poll: bool) -> Iterator[dict[str, Any]]:
+    """How idle CPUs wait during the run; with ``poll``, they poll instead of halting.
+
+    ``poll`` holds a 0 µs request on /dev/cpu_dma_latency (Linux PM QoS, what tuned's
+    latency-performance profile does) until the run ends; closing it restores the default.
+    On a virtual machine a halted vCPU goes back to the host, and waking it again costs a
+    host reschedule, often behind other guests (steal). A paced run halts and wakes its
+    vCPUs thousands of times a second. Polling burns the host's CPU while idle: an
+    operator's choice, so off unless asked for."""
+    info: dict[str, Any] = {"poll": poll, "driver": _read(CPUIDLE / "current_driver")}
+    if not poll:
+        yield info
+        return
+    try:
+        fd = os.open(DMA_LATENCY, os.O_WRONLY)
+    except OSError as exc:
+        raise SystemExit(f"--idle-poll: cannot open {DMA_LATENCY} ({exc}); it needs root") from None
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield info
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def cpu_probe(rounds: int = 5, n: int = 1_000_000) -> dict[str, float]:

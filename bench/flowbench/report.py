@@ -302,6 +302,14 @@ def _host_speed(r: dict[str, Any]) -> list[str]:
             "the last (bench/flowbench/env.py `cpu_probe`, best of 5). The same code's numbers "
             "move with it: compare runs only at similar values."
         )
+    if idle := r.get("cpu_idle"):
+        how = (
+            "poll: the harness held /dev/cpu_dma_latency at 0 (`--idle-poll`), so idle vCPUs "
+            "spin instead of going back to the host"
+            if idle.get("poll")
+            else "halt (the machine's default): an idle vCPU goes back to the host"
+        )
+        lines.append(f"- **CPU idle:** {how}; cpuidle driver {idle.get('driver')}")
     cores = int(r.get("machine", {}).get("nproc") or 1)
     steal = [
         f"{name} {sc['steal_s']} s ({100 * sc['steal_s'] / (sc['elapsed_s'] * cores):.1f} %)"
@@ -400,9 +408,54 @@ def e2e(sc: dict[str, Any], chart: Path | None, md: Path) -> str:
                 f"![p50/p95/p99 latency against offered load]({os.path.relpath(chart, md.parent)})",
                 "",
             ]
+        out += _cpu_per_command(s, runs)
     settings = e.get("daemon_settings", {})
     out.append("Daemon settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()))
     return "\n".join(out)
+
+
+def _cpu_per_command(sat: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+    """CPU per command by party at saturation and at each paced rate: what a command costs
+    when it arrives alone against when it shares every round trip with many others."""
+    parties = ("flowd", "postgres", "nats_server", "machine_total")
+    rows = []
+    res = sat.get("resources", {})
+    if (cpu := res.get("cpu_seconds")) and sat.get("commands"):
+        rows.append(["saturation", sat.get("commands_per_s"), sat["wall_seconds"], cpu, sat])
+    for r in runs:
+        if r.get("cpu_seconds") and r.get("outcomes"):
+            rows.append(
+                [
+                    f"{r['fraction']:.0%}",
+                    r["achieved_per_s"],
+                    r["wall_seconds"],
+                    r["cpu_seconds"],
+                    r,
+                ]
+            )
+    if not rows:
+        return []
+    return [
+        "CPU per command (ms of CPU-time per command, /proc; `machine_total` includes the "
+        "producers and the harness; busy cores = machine CPU-seconds / wall seconds):",
+        "",
+        table(
+            ["run", "commands/s", *parties, "busy cores"],
+            [
+                [
+                    name,
+                    rate,
+                    *(
+                        round(1000 * cpu.get(k, 0) / (r.get("outcomes") or r["commands"]), 3)
+                        for k in parties
+                    ),
+                    round(cpu.get("machine_total", 0) / wall, 2) if wall else None,
+                ]
+                for name, rate, wall, cpu, r in rows
+            ],
+        ),
+        "",
+    ]
 
 
 def limits(sc: dict[str, Any], chart: Path | None, md: Path) -> str:

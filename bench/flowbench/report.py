@@ -418,21 +418,23 @@ def _cpu_per_command(sat: dict[str, Any], runs: list[dict[str, Any]]) -> list[st
     """CPU per command by party at saturation and at each paced rate: what a command costs
     when it arrives alone against when it shares every round trip with many others."""
     parties = ("flowd", "postgres", "nats_server", "machine_total")
-    rows = []
-    res = sat.get("resources", {})
-    if (cpu := res.get("cpu_seconds")) and sat.get("commands"):
-        rows.append(["saturation", sat.get("commands_per_s"), sat["wall_seconds"], cpu, sat])
-    for r in runs:
-        if r.get("cpu_seconds") and r.get("outcomes"):
-            rows.append(
-                [
-                    f"{r['fraction']:.0%}",
-                    r["achieved_per_s"],
-                    r["wall_seconds"],
-                    r["cpu_seconds"],
-                    r,
-                ]
-            )
+    # (run, commands/s, wall s, CPU seconds by party, commands)
+    rows: list[tuple[str, Any, float, dict[str, float], int]] = []
+    if (cpu := sat.get("resources", {}).get("cpu_seconds")) and sat.get("commands"):
+        rows.append(
+            ("saturation", sat["commands_per_s"], sat["wall_seconds"], cpu, sat["commands"])
+        )
+    rows += [
+        (
+            f"{r['fraction']:.0%}",
+            r["achieved_per_s"],
+            r["wall_seconds"],
+            r["cpu_seconds"],
+            r["outcomes"],
+        )
+        for r in runs
+        if r.get("cpu_seconds") and r.get("outcomes")
+    ]
     if not rows:
         return []
     return [
@@ -445,13 +447,10 @@ def _cpu_per_command(sat: dict[str, Any], runs: list[dict[str, Any]]) -> list[st
                 [
                     name,
                     rate,
-                    *(
-                        round(1000 * cpu.get(k, 0) / (r.get("outcomes") or r["commands"]), 3)
-                        for k in parties
-                    ),
+                    *(round(1000 * cpu.get(k, 0) / commands, 3) for k in parties),
                     round(cpu.get("machine_total", 0) / wall, 2) if wall else None,
                 ]
-                for name, rate, wall, cpu, r in rows
+                for name, rate, wall, cpu, commands in rows
             ],
         ),
         "",

@@ -421,7 +421,7 @@ class _Pull:
         self._ack_wait = ack_wait
         self._inbox = self._nc.new_inbox()
         # What the subscription delivered and no fetch took yet; a fetch waiting for the
-        # next arrival waits on ``_waiter`` (a future and a timer: cheaper than wait_for's
+        # next arrival waits on ``_wakeup`` (a future and a timer: cheaper than wait_for's
         # task per fetch on this, the busiest path).
         self._arrivals: collections.deque[Msg] = collections.deque()
         self._wakeup = Wakeup()

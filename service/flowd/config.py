@@ -39,6 +39,7 @@ ENV: dict[str, str] = {
     "wait_tick": "FLOWD_WAIT_TICK",
     "wait_batch": "FLOWD_WAIT_BATCH",
     "migrate": "FLOWD_MIGRATE",
+    "nice": "FLOWD_NICE",
     "log_format": "FLOWD_LOG_FORMAT",
     "log_level": "FLOWD_LOG_LEVEL",
     "nats_creds": "NATS_CREDS",
@@ -82,6 +83,9 @@ class Settings(BaseModel):
     wait_tick: float = Field(0.1, gt=0, description="how often due timers are claimed, seconds")
     wait_batch: int = Field(256, ge=1, le=10_000, description="due conditions claimed per tick")
     migrate: bool = Field(True, description="apply migrations at start (else only check)")
+    nice: int | None = Field(
+        None, ge=-20, le=19, description="the process's nice value; below 0 needs CAP_SYS_NICE"
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats_creds: Path | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -286,3 +287,11 @@ def test_counter_names_documented() -> None:
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in ("commands_applied_total", "commands_rejected_total", "outbox_backlog"):
         assert name in text, name
+
+
+def test_flowd_nice_sets_the_daemons_priority(make_daemon: Any) -> None:
+    """FLOWD_NICE: the running daemon has that nice value (raising it needs no privilege)."""
+    wanted = os.getpriority(os.PRIO_PROCESS, 0) + 3
+    d = make_daemon(FLOWD_NICE=wanted)
+    assert d.proc is not None
+    assert os.getpriority(os.PRIO_PROCESS, d.proc.pid) == wanted

@@ -138,6 +138,7 @@ def set_nice(nice: int) -> bool:
     preempts it. At 3,000 commands/s (half the burst rate) on 2 vCPUs, nice -10 cut p99
     command -> event from 36-48 ms to 21-28 ms (bench/RESULTS.md). Lowering the value needs
     root or CAP_SYS_NICE; refused, flowd logs a warning and runs at the priority it has.
+    Embedded servers (started later, as children) inherit it.
     Returns whether the process now runs at ``nice``."""
     import structlog
 

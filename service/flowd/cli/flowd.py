@@ -135,8 +135,9 @@ def set_nice(nice: int) -> bool:
     """FLOWD_NICE: the daemon's scheduling priority, set before any thread starts (threads
     inherit it). flowd applies every command on one event loop; on a machine it shares with
     PostgreSQL and NATS that loop is the bottleneck under load, and each of their wake-ups
-    preempts it. At 3,000 commands/s (half the burst rate) on 2 vCPUs, nice -10 cut p99
-    command -> event from 36-48 ms to 21-28 ms (bench/RESULTS.md). Lowering the value needs
+    preempts it. At 3,000 commands/s (half the burst rate) on the 2-vCPU Intel bench machine,
+    nice -10 cut p99 command -> event from 36-48 ms to 21-28 ms; on other hosts the gain was
+    smaller and noisier (bench/RESULTS.md). Lowering the value needs
     root or CAP_SYS_NICE; refused, flowd logs a warning and runs at the priority it has.
     Embedded servers (started later, as children) inherit it.
     Returns whether the process now runs at ``nice``."""

@@ -79,7 +79,11 @@ class FlowManager:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def get(self, flow_id: UUID) -> Flow:
+    async def get(self, flow_id: UUID) -> Flow | None:
+        """The flow, or None (as the original FlowManager's ``Option<Flow>``)."""
+        return await self.store.get(flow_id)
+
+    async def require(self, flow_id: UUID) -> Flow:
         """The flow, or ``FlowNotFound``."""
         flow = await self.store.get(flow_id)
         if flow is None:
@@ -101,7 +105,7 @@ class FlowManager:
 
     async def list_steps(self, flow_id: UUID) -> list[FlowStep]:
         """Steps of a flow, oldest first (``FlowNotFound`` if the flow does not exist)."""
-        await self.get(flow_id)
+        await self.require(flow_id)
         return await self.store.list_steps(flow_id)
 
     async def list_events(
@@ -112,7 +116,7 @@ class FlowManager:
             flow_id, after_revision=after_revision, limit=_limit(limit)
         )
         if not events:
-            await self.get(flow_id)
+            await self.require(flow_id)
         return events
 
     # -- creation ----------------------------------------------------------------------------
@@ -266,10 +270,13 @@ class FlowManager:
         *,
         expected_revision: int | None = None,
         command_id: str | None = None,
+        token: str | None = None,
     ) -> Flow:
-        """Set the sticky cancel intent (status unchanged); a repeat writes nothing."""
+        """Set the sticky cancel intent (status unchanged). A repeat, or a flow that is already
+        terminal, writes nothing: the outcome is ``unchanged`` (announced on ``out.<token>``,
+        default the flow id)."""
         return await self._mutate(
-            flow_id, expected_revision, command_id, self._op(apply.request_cancel)
+            flow_id, expected_revision, command_id, self._op(apply.request_cancel), token
         )
 
     async def cancel(
@@ -308,9 +315,11 @@ class FlowManager:
         *,
         expected_revision: int | None = None,
         command_id: str | None = None,
+        token: str | None = None,
     ) -> FlowStep:
         """Upsert the step ``(flow_id, run_id)``; a late non-terminal report never overwrites
-        a terminal step. Accepted on terminal flows too."""
+        a terminal step (``unchanged``, announced on ``out.<token>``). Accepted on terminal
+        flows too."""
         valid = _validated(StepObservation, obs)
         result: list[FlowStep | None] = [None]
 
@@ -322,7 +331,7 @@ class FlowManager:
             result[0] = change.step if change is not None else existing
             return change
 
-        await self._mutate_async(valid.flow_id, expected_revision, command_id, observe)
+        await self._mutate_async(valid.flow_id, expected_revision, command_id, observe, token)
         step = result[0]
         assert step is not None
         return step
@@ -333,12 +342,17 @@ class FlowManager:
         return lambda flow: fn(flow, now=self._clock(), new_id=self._new_id)
 
     async def _mutate(
-        self, flow_id: UUID, expected: int | None, command_id: str | None, step: Step
+        self,
+        flow_id: UUID,
+        expected: int | None,
+        command_id: str | None,
+        step: Step,
+        token: str | None = None,
     ) -> Flow:
         async def run(flow: Flow) -> Change | None:
             return step(flow)
 
-        return await self._mutate_async(flow_id, expected, command_id, run)
+        return await self._mutate_async(flow_id, expected, command_id, run, token)
 
     async def _mutate_async(
         self,
@@ -346,13 +360,16 @@ class FlowManager:
         expected: int | None,
         command_id: str | None,
         step: Callable[[Flow], Awaitable[Change | None]],
+        token: str | None = None,
     ) -> Flow:
+        """Read, apply ``step``, write with the revision check (see the class docstring).
+        ``token``: the subject token an ``unchanged`` outcome is announced under."""
         attempts = 1 if expected is not None else 2
         flow = self._cache.get(flow_id)
         while True:
             cached = flow is not None
             if flow is None:
-                flow = await self.get(flow_id)
+                flow = await self.require(flow_id)
             try:
                 if expected is not None and flow.revision != expected:
                     raise errors.RevisionMismatch(flow_id, expected, flow.revision)
@@ -369,7 +386,7 @@ class FlowManager:
                     # old): ask the row
                     flow = None
                     continue
-                await self._unchanged(flow, command_id)
+                await self._unchanged(flow, command_id, token)
                 return flow
             try:
                 await self._commit(change, command_id)
@@ -383,7 +400,7 @@ class FlowManager:
                 continue
             return change.flow
 
-    async def _unchanged(self, flow: Flow, command_id: str | None) -> None:
+    async def _unchanged(self, flow: Flow, command_id: str | None, token: str | None) -> None:
         """Record that ``command_id`` changed nothing (its outcome names the revision)."""
         if command_id is not None:
             outcome: JsonObject = {
@@ -391,7 +408,7 @@ class FlowManager:
                 "flow_id": str(flow.id),
                 "revision": flow.revision,
             }
-            await self.store.record_outcome(command_id, flow.id, str(flow.id), outcome)
+            await self.store.record_outcome(command_id, flow.id, token or str(flow.id), outcome)
             self._on_commit(None)
 
     async def _commit(self, change: Change, command_id: str | None) -> None:

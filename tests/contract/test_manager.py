@@ -182,10 +182,7 @@ async def test_illegal_transitions_raise_and_write_nothing(
     await assert_unchanged(manager, before)
 
 
-@pytest.mark.parametrize(
-    "op",
-    ["start", "wait", "resume", "finish", "fail", "cancel", "request_cancel", "update"],
-)
+@pytest.mark.parametrize("op", ["start", "wait", "resume", "finish", "fail", "cancel", "update"])
 async def test_terminal_flows_accept_no_mutation(manager: FlowManager, op: str) -> None:
     flow = await running_flow(manager)
     flow = await manager.cancel(flow.id)
@@ -196,12 +193,27 @@ async def test_terminal_flows_accept_no_mutation(manager: FlowManager, op: str) 
         "finish": lambda: manager.finish(flow.id),
         "fail": lambda: manager.fail(flow.id, "x"),
         "cancel": lambda: manager.cancel(flow.id),
-        "request_cancel": lambda: manager.request_cancel(flow.id),
         "update": lambda: manager.update_state(flow.id, {"x": 1}),
     }
     with pytest.raises(AlreadyTerminal):
         await calls[op]()
     await assert_unchanged(manager, flow)
+
+
+async def test_request_cancel_on_a_terminal_flow_changes_nothing(
+    manager: FlowManager, store: FlowStore
+) -> None:
+    """As in the original: no error, no write; with a command id the outcome is
+    ``unchanged``."""
+    flow = await manager.finish((await running_flow(manager)).id)
+    assert await manager.request_cancel(flow.id) == flow
+    assert await manager.request_cancel(flow.id, command_id="rc-late") == flow
+    await assert_unchanged(manager, flow)
+    assert await store.get_outcome("rc-late") == {
+        "status": "unchanged",
+        "flow_id": str(flow.id),
+        "revision": flow.revision,
+    }
 
 
 @pytest.mark.parametrize("bad", [[1, 2], "text", 3, None, True])
@@ -236,8 +248,9 @@ async def test_invalid_create_input_writes_nothing(manager: FlowManager, store: 
 
 async def test_unknown_flow_is_not_found(manager: FlowManager) -> None:
     missing = uuid.uuid4()
+    assert await manager.get(missing) is None  # as the original's Option<Flow>
     for call in (
-        lambda: manager.get(missing),
+        lambda: manager.require(missing),
         lambda: manager.start_running(missing),
         lambda: manager.cancel(missing),
         lambda: manager.update_state(missing, {}),
@@ -508,8 +521,7 @@ async def test_prune_drops_only_old_terminal_flows(store: FlowStore) -> None:
     clock.now += timedelta(days=1)
     new_done = await manager.finish((await running_flow(manager)).id)
     assert await store.prune(cutoff) == 1
-    with pytest.raises(FlowNotFound):
-        await manager.get(old_done.id)
+    assert await manager.get(old_done.id) is None
     assert await store.list_steps(old_done.id) == []
     assert await store.list_events(old_done.id) == []
     assert (await manager.get(old_running.id)).status is FlowStatus.RUNNING

@@ -169,9 +169,9 @@ class FlowMachine(RuleBasedStateMachine):
     @rule(flow_id=flows)
     def request_cancel(self, flow_id: uuid.UUID) -> None:
         m = self.models[flow_id]
-        expected = AlreadyTerminal if m.status in TERMINAL else None
-        done = self.attempt(flow_id, expected, lambda: self.manager.request_cancel(flow_id))
-        if done and not m.cancel:
+        # never refused: on a terminal flow, or a repeat, it changes nothing (the original)
+        self.attempt(flow_id, None, lambda: self.manager.request_cancel(flow_id))
+        if m.status not in TERMINAL and not m.cancel:
             m.cancel, m.revision = True, m.revision + 1
 
     @rule(flow_id=flows, patch=patches, step=st.none() | st.sampled_from(["s1", "s2"]))

@@ -609,6 +609,9 @@ class _Resync:
 
 
 def _status(msg: Msg) -> str | None:
-    """A pull request's status header (408 expired, 409 refused, 100 heartbeat), or None for a
-    stream message."""
-    return msg.headers.get(api.Header.STATUS) if msg.headers else None
+    """A pull request's status (408 expired, 409 refused, 100 heartbeat), or None for a stream
+    message. Only the server marks a status message: it has no ack subject, while every
+    stream message has one (``$JS.ACK.…``). A publisher's own ``Status`` header never counts."""
+    if msg.reply.startswith("$JS.ACK."):
+        return None
+    return (msg.headers or {}).get(api.Header.STATUS) or "100"

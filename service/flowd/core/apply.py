@@ -300,9 +300,9 @@ def _require_mutable(flow: Flow) -> None:
 
 
 def request_cancel(flow: Flow, *, now: datetime, new_id: NewId) -> Change | None:
-    """Set the sticky cancel intent; status unchanged. None when it is already set."""
-    _require_mutable(flow)
-    if flow.cancel_requested_at is not None:
+    """Set the sticky cancel intent; status unchanged. None (nothing to do) when it is
+    already set or the flow is terminal, as in the original FlowManager."""
+    if flow.status.terminal or flow.cancel_requested_at is not None:
         return None
     after = flow.evolve(cancel_requested_at=now, revision=flow.revision + 1, updated_at=now)
     # A waiting flow with a cancel request is the engine's to cancel: index it as due now.

@@ -142,11 +142,13 @@ class InvalidInput(FlowError):
     code = "invalid_input"
 
     def __init__(self, message: str, errors: dict[str, str] | None = None) -> None:
-        self.errors = errors or {}
+        """``errors`` maps each offending field (a dotted path) to what is wrong with it; ``_``
+        stands for the input as a whole, and is the default."""
+        self.errors = errors or {"_": message}
         super().__init__(message)
 
     def details(self) -> dict[str, Any]:
-        return {"errors": self.errors} if self.errors else {}
+        return {"errors": self.errors}  # one shape, always
 
 
 class DuplicateCommand(FlowError):

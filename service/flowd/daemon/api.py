@@ -98,7 +98,7 @@ class Api:
         data = _parse(msg.data, self.max_payload)
         if op == "get":
             req = _valid(GetRequest, data)
-            return snapshot(await self.manager.get(req.flow_id))
+            return snapshot(await self.manager.require(req.flow_id))
         if op == "list":
             lst = _valid(ListRequest, data)
             flows = await self.manager.store.list_flows(
@@ -146,7 +146,7 @@ class Api:
             reply: JsonObject = {"outcome": stored, "duplicate": True}
             if cmd.flow_id is not None or stored.get("flow_id"):
                 flow_id = cmd.flow_id or UUID(str(stored["flow_id"]))
-                reply["flow"] = snapshot(await self.manager.get(flow_id))
+                reply["flow"] = snapshot(await self.manager.require(flow_id))
             return reply
         except errors.StoreUnavailable:
             raise

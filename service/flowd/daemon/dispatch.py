@@ -53,7 +53,7 @@ async def execute(manager: FlowManager, cmd: codec.Decoded) -> Flow | FlowStep:
         obs = StepObservation.model_validate(
             {**body.model_dump(exclude={"flow_id"}), "flow_id": cmd.flow_id}
         )
-        return await manager.record_step_observation(obs, command_id=cid)
+        return await manager.record_step_observation(obs, command_id=cid, token=cmd.token)
     assert cmd.flow_id is not None
     fid, opts = cmd.flow_id, {"expected_revision": body.expected_revision, "command_id": cid}
     match cmd.verb:
@@ -68,7 +68,7 @@ async def execute(manager: FlowManager, cmd: codec.Decoded) -> Flow | FlowStep:
         case "fail":
             return await manager.fail(fid, body.reason, **opts)
         case "request_cancel":
-            return await manager.request_cancel(fid, **opts)
+            return await manager.request_cancel(fid, **opts, token=cmd.token)
         case "cancel":
             return await manager.cancel(fid, **opts)
         case "update":

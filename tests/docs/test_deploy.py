@@ -137,6 +137,7 @@ def test_deploy_has_the_expected_files() -> None:
         "deploy/systemd/flowd.service",
         "deploy/systemd/flowd.env.example",
         "deploy/systemd/README.md",
+        "deploy/nats/accounts.conf",
     } <= names
 
 

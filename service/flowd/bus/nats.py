@@ -262,15 +262,17 @@ class NatsBus:
                 raise BusUnavailable(f"JetStream refused an event: {waiting.error}")
 
     async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
-        """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it."""
-        meta = msg.metadata
+        """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it (a
+        core NATS message, not from a stream, has no stream sequence or delivery count)."""
         headers = {
             names.MSG_ID: f"dlq-{command_id}",
             names.DLQ_REASON: reason[:1000],
             names.DLQ_SUBJECT: msg.subject,
-            names.DLQ_STREAM_SEQ: str(meta.sequence.stream),
-            names.DLQ_DELIVERED: str(meta.num_delivered),
         }
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            meta = msg.metadata
+            headers[names.DLQ_STREAM_SEQ] = str(meta.sequence.stream)
+            headers[names.DLQ_DELIVERED] = str(meta.num_delivered)
         async with _translated():
             await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
 

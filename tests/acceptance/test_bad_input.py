@@ -303,3 +303,37 @@ async def _raw_request(w: Wire, subject: str, raw: bytes, msg_id: str | None) ->
     headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
     reply = await w.nc.request(subject, raw, timeout=10, headers=headers)
     return json.loads(reply.data)
+
+
+async def test_subjects_and_header_bytes_that_are_not_utf8_neither_stall_nor_crash(
+    daemon: DaemonProcess, nats_wire: Wire
+) -> None:
+    """A subject that is not UTF-8 stopped nats-py's read loop for good (every flow stalled);
+    a NUL in the flow id token crash-looped its lane (PostgreSQL cannot keep the token)."""
+    w, s = nats_wire, nats_wire.s
+    flow, _, before = await _setup(w)
+    p = s.prefix.encode()
+    await w.publish_bytes(p + b".cmd.a\xffb.start", b"Nats-Msg-Id: s1\r\n", b"{}")
+    await w.publish_bytes(p + b".cmd.a\x00b.start", b"Nats-Msg-Id: s2\r\n", b"{}")
+    await w.publish_bytes(p + b".wake.t\xff", b"Nats-Msg-Id: s3\r\n", b'{"correlation_id": "c"}')
+    update = b"%s.cmd.%s.update" % (p, flow.encode())
+    await w.publish_bytes(update, b"Nats-Msg-Id: id\xff\xfe\r\n", b'{"patch": {"bad": 1}}')
+    await w.publish(s.command(flow, "update"), {"patch": {"good": 1}}, cid="good")
+
+    letters = await w.wait_for(lambda: _at_least(lambda: w.stream_msgs(s.dlq_stream), 3))
+    reasons = {m.headers["Nats-Msg-Id"]: m.headers["Flowd-Dlq-Reason"] for m in letters}
+    assert reasons == {
+        "dlq-s1": "subject token 'a\\ufffdb' contains \\ufffd: the bytes were not UTF-8",
+        "dlq-s2": "subject token 'a\\u0000b' contains NUL (\\u0000)",
+        "dlq-s3": "subject contains '\\ufffd': only printable ASCII without spaces",
+    }
+    [outcome] = await w.wait_for(w.outcomes)
+    assert outcome["details"]["errors"] == {
+        "Nats-Msg-Id": "contains \\ufffd: the bytes were not UTF-8"
+    }
+    events = await w.wait_for(lambda: _at_least(w.events, 5))
+    assert [(e["kind"], e["command_id"]) for e in events[4:]] == [("state_updated", "good")]
+    assert events[-1]["flow"]["state_json"] == {"good": 1}
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None
+    del before

@@ -149,6 +149,8 @@ def test_invalid_commands_are_rejected_with_a_token(
         ("cmd", [FID], b"{}", "no such cmd subject"),
         ("cmd", [FID, "update", "x"], b"{}", "no such cmd subject"),
         ("obs", [FID, "x"], b"{}", "no such obs subject"),
+        ("cmd", ["a\x00b", "start"], b"{}", r"subject token 'a\\u0000b' contains NUL"),
+        ("obs", ["a\ufffd"], b"{}", r"subject token 'a\\ufffd' contains \\ufffd"),
     ],
 )
 def test_unreadable_input_is_undecodable(

@@ -197,6 +197,8 @@ def decode(
     """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``)."""
     cid = command_id(headers, fallback_id)
     verb, token = _route(kind, tokens)
+    if (problem := door.text_problem(token)) is not None:  # no outcome subject to keep
+        raise Undecodable(f"subject token '{door.escaped(token)}' {problem}")
     flow_id: UUID | None = None
     if token != "create" or verb != "create":
         try:

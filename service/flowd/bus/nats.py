@@ -104,10 +104,36 @@ async def connect(
         options["user_credentials"] = creds
     if tls is not None:
         options["tls"] = tls
+    nc = _LenientClient()
     try:
-        return await nats.connect(**options)
+        await nc.connect(**options)
+        return nc
     except (OSError, nats.errors.Error) as exc:
         raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+
+
+class _LenientClient(Client):
+    """nats-py decodes a message's subject and reply strictly, in its read loop, and a
+    UnicodeDecodeError there ends the read loop for good: one message published on a subject
+    that is not UTF-8 would leave the connection up but deaf. Here such bytes become U+FFFD,
+    which the codec refuses (a dead letter) like any other unusable subject."""
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode(errors="replace"),
+            reply=reply.decode(errors="replace"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
 
 
 class NatsBus:

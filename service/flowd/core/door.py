@@ -35,7 +35,7 @@ MAX_PROBLEMS: Final = 10
 
 _BAD_IN_VALUE = re.compile("[\x00\ud800-\udfff]")
 _BAD_IN_HEADER = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffd]")
-_ESCAPE = re.compile("[\x00-\x1f\x7f\ud800-\udfff\\\\]")
+_ESCAPE = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffd\\\\]")
 _BOMS: Final = (
     (b"\xff\xfe\x00\x00", "starts with a UTF-32 byte order mark"),
     (b"\x00\x00\xfe\xff", "starts with a UTF-32 byte order mark"),
@@ -58,7 +58,7 @@ class NotJson(Unreadable):
 
 
 def escaped(text: str, limit: int = 100) -> str:
-    """``text`` with control characters, lone surrogates and backslashes escaped
+    """``text`` with control characters, lone surrogates, U+FFFD and backslashes escaped
     (``\\u0000``), cut to ``limit`` characters: safe to store, publish and log."""
     cut = text if len(text) <= limit else text[:limit] + "…"
     return _ESCAPE.sub(lambda m: f"\\u{ord(m[0]):04x}" if m[0] != "\\" else "\\\\", cut)
@@ -165,13 +165,13 @@ def _char_problem(text: str, pattern: re.Pattern[str] = _BAD_IN_VALUE) -> str:
     return f"contains a control character ({code})"
 
 
-def text_problem(text: str, max_length: int) -> str | None:
-    """What makes ``text`` (a header value flowd keeps: a command id, a correlation id)
-    unusable, or None: NUL, control characters, lone surrogates, the replacement character,
-    more than ``max_length`` characters."""
+def text_problem(text: str, max_length: int | None = None) -> str | None:
+    """What makes ``text`` (a header value or subject token flowd keeps: a command id, a
+    correlation id, a flow id token) unusable, or None: NUL, control characters, lone
+    surrogates, the replacement character, more than ``max_length`` characters."""
     if _BAD_IN_HEADER.search(text):
         return _char_problem(text, _BAD_IN_HEADER)
-    if len(text) > max_length:
+    if max_length is not None and len(text) > max_length:
         return f"is longer than {max_length} characters"
     return None
 

@@ -62,7 +62,7 @@ def subject_problem(subject: str, reserved: Sequence[str] = ()) -> str | None:
         return f"is longer than {MAX_SUBJECT} characters"
     if not _SUBJECT_CHARS.fullmatch(subject):
         bad = next(c for c in subject if not _SUBJECT_CHARS.fullmatch(c))
-        return f"contains {door.escaped(bad)!r}: only printable ASCII without spaces"
+        return f"contains '{door.escaped(bad)}': only printable ASCII without spaces"
     if "*" in subject or ">" in subject:
         return "contains a wildcard (* or >): a wait names one literal subject"
     tokens = subject.split(".")

@@ -173,3 +173,57 @@ async def test_year_one_and_naive_timers_are_refused_at_the_door(
     await until_kinds(w, good, RESUMED)
     assert await kinds_of(w, fid) == ["created", "started"]
     _alive(daemon)
+
+
+WAKE_CASES: dict[str, tuple[bytes, dict[str, str], str]] = {
+    "nul-value": (b'{"v": "a\\u0000"}', {}, "payload refused: v: string contains NUL (\\u0000)"),
+    "nul-key": (b'{"a\\u0000": 1}', {}, "payload refused: a\\u0000: key contains NUL (\\u0000)"),
+    "surrogate": (b'{"v": ["\\ud800"]}', {}, "payload refused: v.0: string contains a lone"),
+    "1e400": (b'{"v": 1e400}', {}, "payload refused: v: number beyond the range of a double"),
+    "2^64": (b'{"v": 18446744073709551616}', {}, "payload refused: v: integer beyond"),
+    "utf-16": ('{"v": 1}'.encode("utf-16"), {}, "payload is not UTF-8 JSON: starts with a UTF-16"),
+    "utf-32": ('{"v": 1}'.encode("utf-32"), {}, "payload is not UTF-8 JSON: starts with a UTF-32"),
+    "bom": (b'\xef\xbb\xbf{"v": 1}', {}, "payload is not UTF-8 JSON: starts with a UTF-8 byte"),
+    "invalid-utf-8": (b'{"v": "\xff"}', {}, "payload is not UTF-8 JSON: invalid UTF-8 at byte 7"),
+    "nul-byte-text": (b"text\x00", {}, "payload is not UTF-8 JSON: contains a NUL byte"),
+    "deep": (b"[" * 40 + b"]" * 40, {}, "JSON nested deeper than 32 levels"),
+    "cid-control": (
+        b"{}",
+        {"Flowd-Correlation-Id": "c\x01"},
+        "Flowd-Correlation-Id header contains a control",
+    ),
+    "cid-long": (
+        b"{}",
+        {"Flowd-Correlation-Id": "c" * 201},
+        "Flowd-Correlation-Id header is longer",
+    ),
+    "cid-fffd": (
+        b"{}",
+        {"Flowd-Correlation-Id": "c\ufffd"},
+        "Flowd-Correlation-Id header contains \\ufffd",
+    ),
+}
+
+
+async def test_every_wake_message_the_door_refuses_is_a_dead_letter(
+    daemon: DaemonProcess, nats_wire: Wire
+) -> None:
+    w = nats_wire
+    [fid] = await running(w)
+    subject = f"{w.s.prefix}.wake.m"
+    await _wait_on(w, fid, {"kind": "subject", "subject": subject, "correlation_id": "c"})
+    for name, (raw, headers, _) in WAKE_CASES.items():
+        hdrs = {"Flowd-Correlation-Id": "c", **headers, "Nats-Msg-Id": name}
+        await w.js.publish(subject, raw, headers=hdrs)
+    letters = await _letters(w, len(WAKE_CASES))
+    reasons = {m.headers["Nats-Msg-Id"].removeprefix("dlq-"): m for m in letters}
+    assert set(reasons) == set(WAKE_CASES)
+    for name, (raw, _, reason) in WAKE_CASES.items():
+        assert reasons[name].headers["Flowd-Dlq-Reason"].startswith(reason), name
+        assert reasons[name].data == raw
+        assert reasons[name].headers["Flowd-Dlq-Subject"] == subject
+    assert await kinds_of(w, fid) == WAITING
+    await w.js.publish(subject, b"plain text", headers={"Flowd-Correlation-Id": "c"})
+    evs = await until_kinds(w, fid, RESUMED)
+    assert evs[-1]["payload"]["cause"]["payload"] == "plain text"
+    _alive(daemon)

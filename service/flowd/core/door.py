@@ -86,20 +86,39 @@ def _no_constant(name: str) -> object:
 def read_json(data: bytes) -> object:
     """The JSON value of ``data``: Unreadable (NotJson for a syntax error) when it cannot be
     read, ``errors.InvalidInput`` when it holds what flowd refuses (``problems``)."""
-    utf8_text(data)
-    try:
-        value = jsontext.loads(data, parse_constant=_no_constant)
-    except RecursionError:
-        raise Unreadable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        message = str(exc)
-        if "integer string conversion" in message:
-            message = "a number has more than 4300 digits"
-        raise NotJson(f"payload is not UTF-8 JSON: {message[:200]}") from None
+    value = jsontext.loads_fast(data)
+    if value is jsontext.UNREAD:
+        utf8_text(data)  # before the standard library, which reads a BOM, UTF-16 and UTF-32
+        try:
+            value = json.loads(data, parse_constant=_no_constant)
+        except RecursionError:
+            raise Unreadable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+        except ValueError as exc:
+            message = str(exc)
+            if "integer string conversion" in message:
+                message = "a number has more than 4300 digits"
+            raise NotJson(f"payload is not UTF-8 JSON: {message[:200]}") from None
+    elif b"\\u0000" not in data:
+        # orjson read it: UTF-8, no lone surrogate, finite numbers, integers within 64 bits;
+        # a NUL can only come from a \\u0000 escape. Only the depth is left to check.
+        _check_depth(value)
+        return value
     found = problems(value)
     if found:
         raise refusal(found)
     return value
+
+
+def _check_depth(value: object) -> None:
+    stack: list[tuple[dict[object, object] | list[object], int]] = (
+        [(value, 1)] if isinstance(value, dict | list) else []
+    )
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Unreadable(f"JSON nested deeper than {MAX_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
 
 
 def refusal(found: dict[str, str], what: str = "payload") -> errors.InvalidInput:

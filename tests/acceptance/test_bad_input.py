@@ -193,7 +193,7 @@ def wait_cases(flow: str, prefix: str) -> list[Case]:
 BAD_IDS = {
     "nul": ("id\u0000x", "contains NUL (\\u0000)"),
     "control": ("id\u0001x", "contains a control character (\\u0001)"),
-    "replacement": ("id\ufffdx", "contains \\ufffd: the bytes were not UTF-8"),
+    "replacement": ("id\ufffdx", "contains \\ufffd (the mark of bytes that were not UTF-8)"),
     "too-long": ("x" * 201, "is longer than 200 characters"),
 }
 
@@ -323,13 +323,14 @@ async def test_subjects_and_header_bytes_that_are_not_utf8_neither_stall_nor_cra
     letters = await w.wait_for(lambda: _at_least(lambda: w.stream_msgs(s.dlq_stream), 3))
     reasons = {m.headers["Nats-Msg-Id"]: m.headers["Flowd-Dlq-Reason"] for m in letters}
     assert reasons == {
-        "dlq-s1": "subject token 'a\\ufffdb' contains \\ufffd: the bytes were not UTF-8",
+        "dlq-s1": "subject token 'a\\ufffdb' contains \\ufffd "
+        "(the mark of bytes that were not UTF-8)",
         "dlq-s2": "subject token 'a\\u0000b' contains NUL (\\u0000)",
         "dlq-s3": "subject contains '\\ufffd': only printable ASCII without spaces",
     }
     [outcome] = await w.wait_for(w.outcomes)
     assert outcome["details"]["errors"] == {
-        "Nats-Msg-Id": "contains \\ufffd: the bytes were not UTF-8"
+        "Nats-Msg-Id": "contains \\ufffd (the mark of bytes that were not UTF-8)"
     }
     events = await w.wait_for(lambda: _at_least(w.events, 5))
     assert [(e["kind"], e["command_id"]) for e in events[4:]] == [("state_updated", "good")]

@@ -57,7 +57,7 @@ def test_missing_msg_id_falls_back_to_stream_sequence() -> None:
         ("a\x00b", "contains NUL (\\u0000)"),
         ("a\ud800", "contains a lone surrogate (\\ud800)"),
         ("a\x01b", "contains a control character (\\u0001)"),
-        ("a\ufffdb", "contains \\ufffd: the bytes were not UTF-8"),
+        ("a\ufffdb", "contains \\ufffd (the mark of bytes that were not UTF-8)"),
         ("x" * 201, "is longer than 200 characters"),
     ],
 )

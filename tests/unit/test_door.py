@@ -103,7 +103,7 @@ def test_many_problems_are_capped_and_keys_are_escaped_and_cut() -> None:
         ("a\tb", "contains a control character (\\u0009)"),
         ("a\x7f", "contains a control character (\\u007f)"),
         ("a\ud800", "contains a lone surrogate (\\ud800)"),
-        ("a\ufffd", "contains \\ufffd: the bytes were not UTF-8"),
+        ("a\ufffd", "contains \\ufffd (the mark of bytes that were not UTF-8)"),
         ("x" * 201, "is longer than 200 characters"),
     ],
 )

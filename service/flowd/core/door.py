@@ -180,7 +180,7 @@ def _char_problem(text: str, pattern: re.Pattern[str] = _BAD_IN_VALUE) -> str:
     if "\ud800" <= char <= "\udfff":
         return f"contains a lone surrogate ({code})"
     if char == "\ufffd":
-        return f"contains {code}: the bytes were not UTF-8"
+        return f"contains {code} (the mark of bytes that were not UTF-8)"
     return f"contains a control character ({code})"
 
 

@@ -225,7 +225,7 @@ class FlowClient:
         else:
             token = _token(flow_id)
             subject = self.subjects.command(token, verb)
-        data = json.dumps(body).encode()
+        data = _encode(body)
         if not opts.get("wait", False):
             await self._publish(subject, data, cid, timeout)
             return cid
@@ -382,9 +382,7 @@ class FlowClient:
     async def _request(self, op: str, body: Json) -> Any:
         subject = self.subjects.api(op)
         with _translated(subject):
-            msg = await self._nc.request(
-                subject, json.dumps(body).encode(), timeout=self.request_timeout
-            )
+            msg = await self._nc.request(subject, _encode(body), timeout=self.request_timeout)
         reply = _decode(msg)
         if reply.get("ok"):
             return reply.get("result")
@@ -477,3 +475,9 @@ class FlowClient:
             for sub in subs:
                 with suppress(nats.errors.Error):  # e.g. the connection is already closed
                     await sub.unsubscribe()
+
+
+def _encode(body: Json) -> bytes:
+    """``body`` as JSON; NaN and infinities raise ValueError here (JSON has no spelling for
+    them: sent as NaN/Infinity, flowd could only dead-letter the body, with no outcome)."""
+    return json.dumps(body, allow_nan=False).encode()

@@ -14,7 +14,7 @@ again on the row before it is reported.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 from uuid import UUID
@@ -67,15 +67,18 @@ class FlowManager:
         new_id: Callable[[], UUID] = uuid.uuid4,
         cache_size: int = 10_000,
         on_commit: Callable[[Change | None], None] | None = None,
+        reserved_subjects: Sequence[str] = (),
     ) -> None:
         """``on_commit`` is called after every write: with the change, or None for a
-        recorded outcome (a rejection, a no-op); both may have queued outbox messages."""
+        recorded outcome (a rejection, a no-op); both may have queued outbox messages.
+        ``reserved_subjects``: subjects (with all under them) no subject wait may name."""
         self.store = store
         self._clock = clock
         self._new_id = new_id
         self._cache: dict[UUID, Flow] = {}
         self._cache_size = cache_size
         self._on_commit = on_commit or (lambda change: None)
+        self._reserved = tuple(reserved_subjects)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -179,7 +182,7 @@ class FlowManager:
         """running -> waiting; ``wait_json`` must be a valid wait condition (core.waits).
         A kept signal that matches resumes the flow at once."""
         apply.require_object(wait_json, "wait_json")
-        waits.parse(wait_json)
+        waits.parse(wait_json, reserved=self._reserved)
 
         async def wait(flow: Flow) -> Change:
             pending = tuple(await self.store.pending_signals(flow.id))

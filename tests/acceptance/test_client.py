@@ -80,3 +80,13 @@ def test_flowctl_exit_codes_and_json(daemon: DaemonProcess) -> None:
     tail = flowctl(daemon, "tail", fid, "--replay", "--count", "2", "--json")
     assert [json.loads(line)["kind"] for line in tail.stdout.splitlines()] == ["created", "started"]
     assert flowctl(daemon, "update", fid, "--patch", "[1]").returncode == 2
+
+
+async def test_client_refuses_numbers_json_cannot_spell(daemon: DaemonProcess) -> None:
+    """float("inf") was sent as Infinity: a dead letter, and a wait=True caller got no outcome."""
+    async with await FlowClient.connect(daemon.nats_url, prefix=daemon.prefix) as fc:
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            with pytest.raises(ValueError, match="Out of range float"):
+                await fc.update(str(uuid.uuid4()), {"x": bad}, wait=True)
+            with pytest.raises(ValueError, match="Out of range float"):
+                await fc.list(owner={"x": bad})  # type: ignore[arg-type]

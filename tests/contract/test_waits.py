@@ -50,6 +50,11 @@ async def test_valid_waits_are_accepted(manager: FlowManager, wait: dict[str, ob
         {"kind": "any", "of": [{"kind": "any", "of": [{"kind": "manual"}]}]},
         {"kind": "any", "of": [{"kind": "manual"}], "on_timeout": "explode"},
         {"kind": "manual", "extra": 1},
+        {"kind": "timer", "at": "0001-01-01T00:00:00+00:00"},
+        {"kind": "any", "of": [{"kind": "manual"}], "timeout_at": "9999-06-01T00:00:00Z"},
+        {"kind": "subject", "subject": "..", "correlation_id": "x"},
+        {"kind": "subject", "subject": "a.b", "correlation_id": "x\u0000"},
+        {"kind": "signal", "name": "\ud800"},
     ],
 )
 async def test_invalid_waits_are_invalid_input(
@@ -59,6 +64,19 @@ async def test_invalid_waits_are_invalid_input(
     with pytest.raises(InvalidInput):
         await manager.set_waiting(flow.id, wait)
     assert (await manager.get(flow.id)) == flow
+
+
+async def test_waits_on_reserved_subjects_are_invalid_input(store: FlowStore) -> None:
+    manager = FlowManager(store, reserved_subjects=("flows.cmd", "flows.relay"))
+    flow = await running_flow(manager)
+    for name in ("flows.cmd.x.start", "flows.relay"):
+        with pytest.raises(InvalidInput) as info:
+            await manager.set_waiting(
+                flow.id, {"kind": "subject", "subject": name, "correlation_id": "c"}
+            )
+        assert list(info.value.errors) == ["wait_json.subject"]
+    ok = {"kind": "subject", "subject": "flows.wake.x", "correlation_id": "c"}
+    assert (await manager.set_waiting(flow.id, ok)).wait_json == ok
 
 
 async def test_signal_before_wait_is_kept_and_consumed_once(manager: FlowManager) -> None:

@@ -135,6 +135,28 @@ class Wire:
         await self.js.publish(subject, data, headers={"Nats-Msg-Id": cid})
         return cid
 
+    async def publish_bytes(self, subject: bytes, headers: bytes, body: bytes) -> None:
+        """Publish what nats-py would refuse to send or mangle (a subject or header that is
+        not UTF-8), over a raw connection, and wait until the server has it (PING/PONG)."""
+        assert self.nc.connected_url is not None
+        url = self.nc.connected_url
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        try:
+            await reader.readline()  # INFO
+            hdr = b"NATS/1.0\r\n" + headers + b"\r\n"
+            writer.write(
+                b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n'
+                + b"HPUB %s %d %d\r\n" % (subject, len(hdr), len(hdr) + len(body))
+                + hdr
+                + body
+                + b"\r\nPING\r\n"
+            )
+            await writer.drain()
+            line = await reader.readline()
+            assert line == b"PONG\r\n", line
+        finally:
+            writer.close()
+
     async def request(
         self, op: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> Any:

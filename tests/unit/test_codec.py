@@ -48,7 +48,54 @@ def test_create_uses_payload_id_as_token() -> None:
 
 def test_missing_msg_id_falls_back_to_stream_sequence() -> None:
     assert decode("cmd", [FID, "start"], headers={}).command_id == "S:7"
-    assert decode("cmd", [FID, "start"], headers={"Nats-Msg-Id": "x" * 201}).command_id == "S:7"
+    assert decode("cmd", [FID, "start"], headers={"Nats-Msg-Id": "  "}).command_id == "S:7"
+
+
+@pytest.mark.parametrize(
+    ("msg_id", "problem"),
+    [
+        ("a\x00b", "contains NUL (\\u0000)"),
+        ("a\ud800", "contains a lone surrogate (\\ud800)"),
+        ("a\x01b", "contains a control character (\\u0001)"),
+        ("a\ufffdb", "contains \\ufffd (the mark of bytes that were not UTF-8)"),
+        ("x" * 201, "is longer than 200 characters"),
+    ],
+)
+def test_unusable_msg_id_is_rejected_under_the_fallback_id(msg_id: str, problem: str) -> None:
+    """Defect 9: such an id crash-looped its message (PostgreSQL cannot keep it)."""
+    with pytest.raises(codec.Rejected) as info:
+        decode("cmd", [FID, "update"], {"patch": {}}, headers={"Nats-Msg-Id": msg_id})
+    assert (info.value.command_id, info.value.token) == ("S:7", FID)
+    assert info.value.error.errors == {"Nats-Msg-Id": problem}
+    assert codec.command_id({"Nats-Msg-Id": msg_id}, "S:7") == "S:7"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "raw", "path", "message"),
+    [
+        ([FID, "update"], b'{"patch": {"k1": "a\\u0000b"}}', "patch.k1", "string contains NUL"),
+        ([FID, "update"], b'{"patch": {"a\\u0000": 1}}', "patch.a\\u0000", "key contains NUL"),
+        ([FID, "update"], b'{"patch": {"k": "\\ud800"}}', "patch.k", "lone surrogate"),
+        ([FID, "update"], b'{"patch": {"\\ud800": 1}}', "patch.\\ud800", "lone surrogate"),
+        ([FID, "update"], b'{"patch": {"a": 1e400}}', "patch.a", "range of a double"),
+        ([FID, "update"], b'{"patch": {"a": -1e400}}', "patch.a", "range of a double"),
+        ([FID, "update"], b'{"patch": {"a": 1e309}}', "patch.a", "range of a double"),
+        ([FID, "update"], b'{"patch": {"a": 18446744073709551616}}', "patch.a", "64-bit"),
+        ([FID, "fail"], b'{"reason": "x\\u0000"}', "reason", "string contains NUL"),
+        ([FID, "signal"], b'{"name": "s", "payload": [1e400]}', "payload.0", "range"),
+        (["create"], b'{"goal": "\\u0000"}', "goal", "string contains NUL"),
+    ],
+)
+def test_values_postgres_cannot_hold_are_rejected(
+    tokens: list[str], raw: bytes, path: str, message: str
+) -> None:
+    """Defects 9 and 10: NUL and lone surrogates crash-looped; 1e400 was stored as null."""
+    with pytest.raises(codec.Rejected) as info:
+        decode("cmd", tokens, raw=raw)
+    assert info.value.error.code == "invalid_input"
+    assert info.value.command_id == "cid-1"
+    assert list(info.value.error.errors) == [path]
+    assert message in info.value.error.errors[path]
 
 
 def test_empty_body_is_an_empty_object() -> None:
@@ -88,6 +135,12 @@ def test_invalid_commands_are_rejected_with_a_token(
     [
         ("cmd", [FID, "update"], b"{nope", "not UTF-8 JSON"),
         ("cmd", [FID, "update"], b"\xff", "not UTF-8 JSON"),
+        ("cmd", [FID, "update"], b'\xef\xbb\xbf{"patch": {}}', "UTF-8 byte order mark"),
+        ("cmd", [FID, "update"], '{"patch": {}}'.encode("utf-16"), "UTF-16 byte order mark"),
+        ("cmd", [FID, "update"], '{"patch": {}}'.encode("utf-16-le"), "looks like UTF-16-LE"),
+        ("cmd", [FID, "update"], '{"patch": {}}'.encode("utf-32"), "UTF-32 byte order mark"),
+        ("cmd", [FID, "update"], '{"patch": {}}'.encode("utf-32-be"), "looks like UTF-32-BE"),
+        ("cmd", [FID, "update"], b'{"patch": {"a": "\xed\xa0\x80"}}', "invalid UTF-8 at"),
         ("cmd", [FID, "update"], b'{"patch": {"x": NaN}}', "NaN is not JSON"),
         ("cmd", [FID, "update"], b'{"patch": {"x": -Infinity}}', "Infinity is not JSON"),
         ("cmd", [FID, "update"], b"{}" + b" " * 2000, "exceeds"),
@@ -96,6 +149,8 @@ def test_invalid_commands_are_rejected_with_a_token(
         ("cmd", [FID], b"{}", "no such cmd subject"),
         ("cmd", [FID, "update", "x"], b"{}", "no such cmd subject"),
         ("obs", [FID, "x"], b"{}", "no such obs subject"),
+        ("cmd", ["a\x00b", "start"], b"{}", r"subject token 'a\\u0000b' contains NUL"),
+        ("obs", ["a\ufffd"], b"{}", r"subject token 'a\\ufffd' contains \\ufffd"),
     ],
 )
 def test_unreadable_input_is_undecodable(

@@ -4,10 +4,12 @@ Decoding sorts every message into exactly one of three results:
 
 - ``Decoded``: a valid command or observation, ready for the manager;
 - ``Rejected``: well-formed enough to answer (we know its command id and where to answer),
-  but invalid (bad UUID, unknown verb, wrong field types, non-object patch): it gets an
-  ``invalid_input`` outcome;
-- ``Undecodable``: not something we can even read (oversized, not UTF-8 JSON, nested deeper
-  than the limit, unroutable subject): it goes to the dead-letter subject with the reason.
+  but invalid (bad UUID, unknown verb, wrong field types, non-object patch, a value the door
+  refuses: NUL, a lone surrogate, a number out of range, see ``core.door``; an unusable
+  ``Nats-Msg-Id``, answered under the fallback id): it gets an ``invalid_input`` outcome;
+- ``Undecodable``: not something we can even read (oversized, not UTF-8 JSON: also UTF-16,
+  UTF-32 or a byte order mark, nested deeper than the limit, unroutable subject): it goes to
+  the dead-letter subject with the reason.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from flowd.bus.subjects import MSG_ID, VERBS
-from flowd.core import errors, jsontext
+from flowd.core import door, errors
 from flowd.core.models import CreateManagedInput, JsonObject
 from flowd.core.status import FlowStepStatus, SyncMode
 
-MAX_DEPTH: Final = 32
+MAX_DEPTH: Final = door.MAX_DEPTH
 MAX_ID_LENGTH: Final = 200
 
 Revision = Annotated[int, Field(strict=True, ge=0)]
@@ -148,42 +150,31 @@ class Rejected(Exception):
 
 
 def command_id(headers: dict[str, str] | None, fallback: str) -> str:
-    """The command's idempotency key: its ``Nats-Msg-Id``, else ``fallback``."""
+    """The command's idempotency key: its ``Nats-Msg-Id``, else (absent or unusable:
+    ``id_problem``) ``fallback``."""
     value = (headers or {}).get(MSG_ID, "").strip()
-    return value if 0 < len(value) <= MAX_ID_LENGTH else fallback
+    return value if value and id_problem(headers) is None else fallback
 
 
-def _depth_ok(value: object) -> bool:
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > MAX_DEPTH:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return True
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
+def id_problem(headers: dict[str, str] | None) -> str | None:
+    """What makes a present ``Nats-Msg-Id`` unusable as a command id (NUL, a control
+    character, a lone surrogate, bytes that were not UTF-8, over MAX_ID_LENGTH), or None."""
+    value = (headers or {}).get(MSG_ID, "").strip()
+    return door.text_problem(value, MAX_ID_LENGTH) if value else None
 
 
 def parse_json(data: bytes, max_payload: int) -> object:
-    """JSON from ``data`` (empty means ``{}``), or Undecodable."""
+    """JSON from ``data`` (empty means ``{}``): Undecodable if it cannot be read (size,
+    encoding, syntax, depth), ``errors.InvalidInput`` if it holds what the door refuses
+    (``core.door``)."""
     if len(data) > max_payload:
         raise Undecodable(f"payload of {len(data)} bytes exceeds the {max_payload} byte limit")
     if not data.strip():
         return {}
     try:
-        value = jsontext.loads(data, parse_constant=_no_constant)
-    except RecursionError:
-        raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        raise Undecodable(f"payload is not UTF-8 JSON: {str(exc)[:200]}") from None
-    if not _depth_ok(value):
-        raise Undecodable(f"JSON nested deeper than {MAX_DEPTH} levels")
-    return value
+        return door.read_json(data)
+    except door.Unreadable as exc:
+        raise Undecodable(exc.reason) from None
 
 
 def invalid_input(exc: ValidationError, what: str) -> errors.InvalidInput:
@@ -206,6 +197,8 @@ def decode(
     """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``)."""
     cid = command_id(headers, fallback_id)
     verb, token = _route(kind, tokens)
+    if (problem := door.text_problem(token)) is not None:  # no outcome subject to keep
+        raise Undecodable(f"subject token '{door.escaped(token)}' {problem}")
     flow_id: UUID | None = None
     if token != "create" or verb != "create":
         try:
@@ -214,6 +207,10 @@ def decode(
             raise Rejected(
                 cid, token, None, errors.InvalidInput(f"{token!r} is not a flow id (UUID)")
             ) from None
+    if (problem := id_problem(headers)) is not None:
+        # Unusable as an idempotency key: refused under the fallback id, before any effect.
+        error = errors.InvalidInput(f"{MSG_ID} {problem}", {MSG_ID: problem})
+        raise Rejected(cid, token, flow_id, error)
     model = BODIES.get(verb)
     if model is None or (kind == "cmd" and verb == "observe"):
         raise Rejected(
@@ -222,7 +219,10 @@ def decode(
             flow_id,
             errors.InvalidInput(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}"),
         )
-    value = parse_json(data, max_payload)
+    try:
+        value = parse_json(data, max_payload)
+    except errors.InvalidInput as exc:
+        raise Rejected(cid, token, flow_id, exc) from None
     if not isinstance(value, dict):
         error = errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
         raise Rejected(cid, token, flow_id, error)

@@ -104,10 +104,36 @@ async def connect(
         options["user_credentials"] = creds
     if tls is not None:
         options["tls"] = tls
+    nc = _LenientClient()
     try:
-        return await nats.connect(**options)
+        await nc.connect(**options)
+        return nc
     except (OSError, nats.errors.Error) as exc:
         raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+
+
+class _LenientClient(Client):
+    """nats-py decodes a message's subject and reply strictly, in its read loop, and a
+    UnicodeDecodeError there ends the read loop for good: one message published on a subject
+    that is not UTF-8 would leave the connection up but deaf. Here such bytes become U+FFFD,
+    which the codec refuses (a dead letter) like any other unusable subject."""
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode(errors="replace"),
+            reply=reply.decode(errors="replace"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
 
 
 class NatsBus:
@@ -262,15 +288,17 @@ class NatsBus:
                 raise BusUnavailable(f"JetStream refused an event: {waiting.error}")
 
     async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
-        """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it."""
-        meta = msg.metadata
+        """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it (a
+        core NATS message, not from a stream, has no stream sequence or delivery count)."""
         headers = {
             names.MSG_ID: f"dlq-{command_id}",
             names.DLQ_REASON: reason[:1000],
             names.DLQ_SUBJECT: msg.subject,
-            names.DLQ_STREAM_SEQ: str(meta.sequence.stream),
-            names.DLQ_DELIVERED: str(meta.num_delivered),
         }
+        if msg.reply and msg.reply.startswith("$JS.ACK."):
+            meta = msg.metadata
+            headers[names.DLQ_STREAM_SEQ] = str(meta.sequence.stream)
+            headers[names.DLQ_DELIVERED] = str(meta.num_delivered)
         async with _translated():
             await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
 

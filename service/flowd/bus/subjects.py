@@ -114,6 +114,14 @@ class Subjects:
         return f"{self.prefix}.api.>"
 
     @property
+    def reserved(self) -> tuple[str, ...]:
+        """flowd's own subjects: no subject wait may name one of them or a subject under
+        them (``P.wake.>`` is not among them: waits on it are durable)."""
+        return tuple(
+            f"{self.prefix}.{t}" for t in ("cmd", "obs", "evt", "out", "api", "dlq", "relay")
+        )
+
+    @property
     def partitioned(self) -> bool:
         return self.partitions > 1
 
@@ -156,6 +164,7 @@ class Subjects:
         return f"{self.prefix}.out.{token}"
 
     def dead_letter(self, source: str) -> str:
+        """``source``: ``cmd``, ``obs``, or ``wake`` (a wake message that could not be read)."""
         return f"{self.prefix}.dlq.{source}"
 
     def api(self, op: str) -> str:

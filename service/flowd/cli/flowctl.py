@@ -22,6 +22,8 @@ from uuid import UUID, uuid4
 
 from flowd.bus.subjects import valid_prefix
 from flowd.client import FlowClient, FlowdError, FlowdUnavailable, Outcome
+from flowd.core import door
+from flowd.core.errors import InvalidInput
 
 Handler = Callable[[FlowClient, argparse.Namespace], Awaitable[int]]
 STEP_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -32,16 +34,22 @@ COLOURS |= {"signal_received": "35", "resumed": "36"}
 
 
 def json_value(text: str) -> Any:
-    """An argparse type: any JSON value, inline or as ``@file``."""
+    """An argparse type: any JSON value, inline or as ``@file``, that flowd would accept
+    (core.door: UTF-8 without a BOM, no NUL or lone surrogate, numbers within range)."""
     if text.startswith("@"):
         try:
-            text = Path(text[1:]).read_text()
+            data = Path(text[1:]).read_bytes()
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
+    else:  # an argument that was not UTF-8 holds lone surrogates: the door says so
+        data = text.encode(errors="surrogatepass")
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid JSON: {exc}") from None
+        return door.read_json(data)
+    except door.Unreadable as exc:
+        reason = exc.reason.removeprefix("payload is not UTF-8 JSON: ")
+        raise argparse.ArgumentTypeError(f"invalid JSON: {reason}") from None
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message.removeprefix("payload ")) from None
 
 
 def json_object(text: str) -> dict[str, Any]:

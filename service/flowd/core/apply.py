@@ -221,7 +221,7 @@ def signal(
         flow.status is FlowStatus.WAITING
         and flow.cancel_requested_at is None
         and flow.wait_json is not None
-        and name in waits.signal_names(waits.parse(flow.wait_json))
+        and name in waits.stored_signal_names(flow.wait_json)
     ):
         return _resume_change(
             flow, waits.wake("signal", now, name=name, payload=payload), now, new_id

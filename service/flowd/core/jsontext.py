@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -24,14 +24,26 @@ def dumps(value: object) -> str:
         return json.dumps(value, separators=(",", ":"))
 
 
-def loads(data: bytes, *, parse_constant: Callable[[str], Any] | None = None) -> Any:
-    """The value of JSON ``data``, exactly as ``json.loads(data, parse_constant=...)`` reads
-    it (same values, same errors): orjson reads what it reads the same way; everything else
-    (errors, NaN and Infinity, lone surrogates, a BOM, UTF-16, long integers) goes to the
-    standard library."""
+#: What ``loads_fast`` returns for data it leaves to the standard library.
+UNREAD: Final = object()
+
+
+def loads_fast(data: bytes) -> Any:
+    """The value of JSON ``data`` if orjson reads it exactly as the standard library does,
+    else ``UNREAD``. A value read here came from UTF-8 without a byte order mark, holds no
+    lone surrogate, no non-finite number and no integer of 19 digits or more."""
     if _LONG_NUMBER.search(data) is None:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(data, parse_constant=parse_constant)
+    return UNREAD
+
+
+def loads(data: bytes, *, parse_constant: Callable[[str], Any] | None = None) -> Any:
+    """The value of JSON ``data``, exactly as ``json.loads(data, parse_constant=...)`` reads
+    it (same values, same errors): orjson reads what it reads the same way; everything else
+    (errors, NaN and Infinity, lone surrogates, a BOM, UTF-16, long integers) goes to the
+    standard library."""
+    value = loads_fast(data)
+    return json.loads(data, parse_constant=parse_constant) if value is UNREAD else value

@@ -717,7 +717,7 @@ class PostgresFlowStore:
                 r["revision"],
                 Condition(
                     r["kind"],
-                    due_at=r["due_at"],
+                    due_at=_aware(r["due_at"]),
                     subject=r["subject"],
                     correlation_id=r["correlation_id"],
                     name=r["name"],
@@ -745,6 +745,12 @@ class PostgresFlowStore:
     async def close(self) -> None:
         await self._drainer.close()
         await self._pool.close()
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    """asyncpg reads -infinity and infinity as naive datetime.min / datetime.max (a due time
+    year 1 became -infinity before waits refused it): as UTC, they compare with the rest."""
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
 def _flow(row: Mapping[str, Any]) -> Flow:

@@ -90,6 +90,8 @@ class WaitEngine:
                     continue  # more are due: no pause
             except errors.StoreUnavailable as exc:
                 log.warning("wait_tick_failed", error=str(exc))
+            except Exception:  # a bug must not stop every timer (nor the daemon)
+                log.exception("wait_tick_crashed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.tick_interval)
 
@@ -153,10 +155,19 @@ class WaitEngine:
         while not stop.is_set():
             try:
                 for msg in await self.bus.fetch(consumer, 64, wait=0.5):
-                    await self._deliver(msg)
+                    try:
+                        await self._deliver(msg)
+                    except errors.StoreUnavailable:
+                        raise  # it stays, and comes back after its ack wait
+                    except errors.FlowError as exc:  # e.g. a value the database refuses
+                        log.warning("wake_message_refused", subject=msg.subject, error=str(exc))
                     await msg.ack()
             except (errors.StoreUnavailable, BusUnavailable) as exc:
                 log.warning("wake_stream_failed", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1)
+            except Exception:  # a bug: the message comes back (max_deliver bounds it)
+                log.exception("wake_stream_crashed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1)
 
@@ -166,6 +177,8 @@ class WaitEngine:
             await self._deliver(msg)
         except errors.StoreUnavailable as exc:
             log.warning("wake_message_lost", subject=msg.subject, error=str(exc))
+        except errors.FlowError as exc:  # e.g. a value the database refuses
+            log.warning("wake_message_refused", subject=msg.subject, error=str(exc))
 
     async def _deliver(self, msg: Message) -> None:
         payload, cid = _read(msg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -295,26 +296,65 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     return None
 
 
-@asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    """Map driver failures to flowd errors, most specific first."""
-    try:
-        yield
-    except (
-        asyncpg.SerializationError,
-        asyncpg.DeadlockDetectedError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.InterfaceError,
+# SQLSTATEs that say "not now" rather than "not this": whatever the message, the same
+# statement can pass later (the connection is back, the database writable again, resources
+# freed, the operator done), so the caller waits and retries (StoreUnavailable). By class:
+# 08 connection exception, 28 invalid authorization, 3D invalid catalog (database gone or
+# renamed), 53 insufficient resources (disk full, out of memory, too many connections),
+# 57 operator intervention (admin shutdown, cannot connect now, query canceled), 58 system
+# error (I/O error). By code: read-only transaction (a standby, or
+# default_transaction_read_only), idle-in-transaction timeout, serialization failure,
+# deadlock, statement completion unknown, lock not available, insufficient privilege (a
+# revoked grant refuses every message alike).
+_UNAVAILABLE_CLASSES: Final = frozenset({"08", "28", "3D", "53", "57", "58"})
+_UNAVAILABLE_CODES: Final = frozenset(
+    {"25006", "25P03", "40001", "40P01", "40003", "55P03", "42501"}
+)
+# SQLSTATE classes that say "not this value": 22 data exception (untranslatable character,
+# numeric value out of range, invalid text representation; asyncpg reports a parameter it
+# cannot encode as 22000 too) and 54 program limit exceeded (a value too large to store).
+# The input is refused (InvalidInput), never retried and never a crash.
+_REFUSED_CLASSES: Final = frozenset({"22", "54"})
+
+
+def classify(exc: BaseException) -> errors.FlowError | None:
+    """The flowd error a driver failure stands for, or None for a bug (left to propagate)."""
+    if isinstance(
+        exc,
+        asyncpg.InterfaceError
         # "cannot switch to state …; another operation is in progress": seen on a pooled
         # connection while PostgreSQL was terminating it (tests/faults, PostgreSQL restart)
-        asyncpg.InternalClientError,
-        ConnectionError,
-        OSError,
-        TimeoutError,
-    ) as exc:
-        raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+        | asyncpg.InternalClientError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return errors.StoreUnavailable(f"database unavailable: {exc}")
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_CODES:
+        return errors.StoreUnavailable(f"database unavailable ({state}): {exc}")
+    if state[:2] in _REFUSED_CLASSES:
+        # The condition's name, not the driver's text (which may quote the value).
+        words = re.sub(r"(?<!^)(?=[A-Z])", " ", type(exc).__name__.removesuffix("Error"))
+        condition = words.lower() if words != "Data" else "data exception"
+        message = f"the database cannot store this input ({condition}, SQLSTATE {state})"
+        return errors.InvalidInput(message, {"_": message})
+    return None
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    """Map driver failures to flowd errors (``classify``); anything else is a bug and
+    propagates as it is."""
+    try:
+        yield
+    except Exception as exc:
+        translated = classify(exc)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 @asynccontextmanager
@@ -387,6 +427,8 @@ class PostgresFlowStore:
                             await conn.execute(m.sql)
                             await conn.execute(RECORD_MIGRATION, m.version, m.name, m.checksum)
                     except asyncpg.PostgresError as exc:
+                        if isinstance(classify(exc), errors.StoreUnavailable):
+                            raise  # not this migration's fault: _translated, wait and retry
                         raise migrate.MigrationError(
                             f"migration {m.version:04d}_{m.name} failed: {exc}"
                         ) from exc

@@ -29,6 +29,7 @@ from uuid import UUID
 import structlog
 
 from flowd.bus import subjects as names
+from flowd.bus.codec import RESERVED
 from flowd.bus.nats import BusUnavailable, Message, NatsBus
 from flowd.core import errors, waits
 from flowd.daemon.health import Metrics
@@ -98,7 +99,7 @@ class WaitEngine:
     async def _fire(self, due: Due) -> None:
         cond, flow_id = due.condition, due.flow_id
         due_at = cond.due_at.isoformat() if cond.due_at else None
-        cid = f"wake:{flow_id}:{due.revision}:{cond.kind}:{due_at}"
+        cid = f"{RESERVED}wake:{flow_id}:{due.revision}:{cond.kind}:{due_at}"
         now = utcnow()
         try:
             if cond.kind == "cancel":
@@ -195,7 +196,7 @@ class WaitEngine:
         wake = waits.wake("subject", utcnow(), subject=subject, correlation_id=cid, payload=payload)
         try:
             await self.manager.resume(
-                flow_id, {"wake": wake}, cause=wake, command_id=f"msg:{msg_id}:{flow_id}"
+                flow_id, {"wake": wake}, cause=wake, command_id=f"{RESERVED}msg:{msg_id}:{flow_id}"
             )
             self.metrics.inc("wakes_total", cause="subject")
             log.info("flow_woken", flow_id=str(flow_id), cause="subject", subject=subject)

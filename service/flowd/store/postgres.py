@@ -412,7 +412,8 @@ class PostgresFlowStore:
         async with _translated(), self._pool.acquire() as conn:
             await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
             try:
-                await conn.execute(CREATE_MIGRATIONS_TABLE)
+                if not await conn.fetchval(TABLE_EXISTS):  # (no write when there is one:
+                    await conn.execute(CREATE_MIGRATIONS_TABLE)  # a read-only database starts)
                 applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
                 for m in migrate.pending(migrations, applied):
                     try:

@@ -250,6 +250,10 @@ class FlowClient:
         Returns the command id, or with ``wait=True`` the ``Outcome``, waiting up to
         ``timeout`` seconds; after that the recorded outcome is asked for once, and if there
         is none yet ``TimeoutError`` is raised (the command may still be applied later).
+        ``FlowdError`` ``idempotency_conflict``: ``command_id`` was first used for another
+        request, nothing applied (without ``wait`` known only if JetStream dropped the
+        publish as a duplicate; else the conflict is its ``P.out`` outcome); ``ValueError``:
+        an id a publisher may not choose.
         """
         cid = _command_id(opts.get("command_id"))
         timeout = opts.get("timeout", 10.0)

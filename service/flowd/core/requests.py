@@ -4,7 +4,8 @@ a different one is an ``IdempotencyConflict`` naming the first use (subjects.md,
 
 The digest is sha256 (hex) over the canonical JSON text (keys sorted, no whitespace, ASCII
 only) of ``{"kind": "cmd" | "obs", "verb": <verb>, "flow_id": <id or null>, "body": …}``:
-the flow id the command is about (the subject's, or a create's from its payload), and the
+the flow id the command is about (the subject's, or a create's from its payload; canonical
+lower-case form, null if the subject's token is not a UUID), and the
 body as validated, with every default filled in (and an observation's ``flow_id`` left
 out: it is the subject's). A body that was not valid is ``{"invalid": <sha256 hex of the
 raw bytes>}``. Pure: no I/O.

@@ -26,8 +26,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from flowd.bus import codec
 from flowd.bus.codec import MAX_ID_LENGTH
 from flowd.bus.subjects import COMMAND_ID, MSG_ID, VERBS, Subjects
+from flowd.core.errors import IdempotencyConflict
 
 Json = dict[str, Any]
 Page = tuple[list[Json], str | None]
@@ -128,6 +130,50 @@ def _token(flow_id: FlowId) -> str:
         raise ValueError(f"not a flow id (UUID): {flow_id!r}") from None
 
 
+def _command_id(chosen: str | None) -> str:
+    """The command id to publish: ``chosen`` if it is one a publisher may choose."""
+    cid = chosen or uuid4().hex
+    if len(cid) > MAX_ID_LENGTH or cid != cid.strip():
+        raise ValueError(f"a command id has at most {MAX_ID_LENGTH} characters, no padding")
+    if codec.reserved(cid):
+        raise ValueError(f"command ids starting with {codec.RESERVED!r} are reserved for flowd")
+    return cid
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """A published command, as the daemon reads it (for its request digest)."""
+
+    command_id: str
+    kind: Literal["cmd", "obs"]
+    tokens: list[str]
+    data: bytes
+
+    def digest(self) -> str | None:
+        """The digest the daemon records for it (core.requests), or None if unreadable."""
+        try:
+            decoded = codec.decode(
+                self.kind,
+                self.tokens,
+                {MSG_ID: self.command_id},
+                self.data,
+                fallback_id=self.command_id,
+                max_payload=len(self.data),
+            )
+        except codec.Rejected as exc:
+            return None if exc.request is None else exc.request.digest
+        except codec.Undecodable:
+            return None
+        return decoded.request.digest
+
+
+def _final(outcome: Outcome) -> Outcome:
+    """``outcome``, unless it is an ``idempotency_conflict``: an error, as subjects.md has it."""
+    if outcome.code == IdempotencyConflict.code:
+        raise FlowdError(outcome.code, outcome.message or "", outcome.details)
+    return outcome
+
+
 def _decode(msg: Msg) -> Json:
     try:
         value = json.loads(msg.data) if msg.data else {}
@@ -204,30 +250,24 @@ class FlowClient:
         Returns the command id, or with ``wait=True`` the ``Outcome``, waiting up to
         ``timeout`` seconds; after that the recorded outcome is asked for once, and if there
         is none yet ``TimeoutError`` is raised (the command may still be applied later).
+        ``FlowdError`` ``idempotency_conflict``: ``command_id`` was first used for another
+        request, nothing applied (without ``wait`` known only if JetStream dropped the
+        publish as a duplicate; else the conflict is its ``P.out`` outcome); ``ValueError``:
+        an id a publisher may not choose.
         """
-        cid = opts.get("command_id") or uuid4().hex
-        if len(cid) > MAX_ID_LENGTH or cid != cid.strip():
-            raise ValueError(f"a command id has at most {MAX_ID_LENGTH} characters, no padding")
+        cid = _command_id(opts.get("command_id"))
         timeout = opts.get("timeout", 10.0)
         body = dict(payload)
         if opts.get("expected_revision") is not None:
             body["expected_revision"] = opts["expected_revision"]
-        if verb == "create":
-            token = body["id"] = _token(flow_id or body.get("id") or uuid4())
-            # On the flow's own subject: same partition as its later commands, so they are
-            # applied after it even with several daemon replicas.
-            subject = self.subjects.command(token, "create")
-        elif flow_id is None or verb not in (*VERBS, "observe"):
-            raise ValueError(f"unknown verb {verb!r} or no flow id")
-        elif verb == "observe":
-            token = _token(flow_id)
-            subject = self.subjects.observation(token)
-        else:
-            token = _token(flow_id)
-            subject = self.subjects.command(token, verb)
+        kind, tokens = self._route(verb, flow_id, body)
+        token = tokens[0]
+        subject = ".".join([self.subjects.prefix, kind, *tokens])
         data = _encode(body)
+        asked = _Asked(cid, kind, tokens, data)
         if not opts.get("wait", False):
-            await self._publish(subject, data, cid, timeout)
+            if await self._publish(subject, data, cid, timeout):
+                await self._reused(asked)  # raises if the id was first used otherwise
             return cid
         found: asyncio.Queue[Json] = asyncio.Queue()
 
@@ -241,17 +281,54 @@ class FlowClient:
         ]
         try:
             duplicate = await self._publish(subject, data, cid, timeout)
-            if duplicate and (recorded := await self._recorded(cid)) is not None:
-                return Outcome.from_record(cid, recorded)
+            if duplicate and (recorded := await self._reused(asked)) is not None:
+                return _final(Outcome.from_record(cid, recorded))
             with suppress(TimeoutError):
-                return await asyncio.wait_for(self._collect(cid, found), timeout)
+                outcome = await asyncio.wait_for(self._collect(cid, found), timeout)
+                if duplicate:  # processed meanwhile: as whose request?
+                    await self._reused(asked)
+                return _final(outcome)
         finally:
             for sub in subs:
                 with suppress(nats.errors.Error):  # e.g. the connection is already closed
                     await sub.unsubscribe()
         if (recorded := await self._recorded(cid)) is None:
             raise TimeoutError(f"no outcome for command {cid} within {timeout:g} s")
-        return Outcome.from_record(cid, recorded)
+        return _final(Outcome.from_record(cid, recorded))
+
+    @staticmethod
+    def _route(
+        verb: str, flow_id: FlowId | None, body: Json
+    ) -> tuple[Literal["cmd", "obs"], list[str]]:
+        """("cmd" or "obs", the subject's tokens after it) of a command; a create's id is
+        set in ``body``."""
+        if verb == "create":
+            body["id"] = _token(flow_id or body.get("id") or uuid4())
+            # On the flow's own subject: same partition as its later commands, so they are
+            # applied after it even with several daemon replicas.
+            return "cmd", [body["id"], "create"]
+        if flow_id is None or verb not in (*VERBS, "observe"):
+            raise ValueError(f"unknown verb {verb!r} or no flow id")
+        if verb == "observe":
+            return "obs", [_token(flow_id)]
+        return "cmd", [_token(flow_id), verb]
+
+    async def _reused(self, asked: _Asked) -> Json | None:
+        """JetStream dropped ``asked`` as a duplicate id: the recorded outcome of the id's
+        first use (None if there is none yet, or nobody answers), or FlowdError
+        ``idempotency_conflict`` if that use asked something else (subjects.md)."""
+        try:
+            result = await self._request("outcome", {"command_id": asked.command_id})
+        except (TimeoutError, FlowdUnavailable):
+            return None
+        first = result.get("first_use") or {}
+        if first.get("digest") and first["digest"] != asked.digest():
+            conflict = IdempotencyConflict(
+                asked.command_id, {k: first.get(k) for k in ("verb", "flow_id", "at")}
+            )
+            raise FlowdError(conflict.code, conflict.message, conflict.details())
+        recorded = result.get("outcome")
+        return None if recorded is None else dict(recorded)
 
     async def _recorded(self, cid: str) -> Json | None:
         """The recorded outcome, or None if there is none or nobody answers."""

@@ -73,7 +73,9 @@ class Settings(BaseModel):
     )
     max_payload: int = Field(262_144, ge=1024, description="largest accepted body, bytes")
     ack_wait: float = Field(30.0, gt=0, description="seconds before JetStream redelivers")
-    max_deliver: int = Field(20, ge=2, description="deliveries before a message is dead-lettered")
+    max_deliver: int = Field(
+        20, ge=2, description="deliveries before a message is dead-lettered (a last resort)"
+    )
     stream_replicas: int = Field(1, ge=1, le=5, description="JetStream stream replicas")
     commands_max_age: float = Field(7 * 86400, gt=0, description="seconds commands are kept")
     events_max_age: float = Field(7 * 86400, gt=0, description="seconds events are kept")

@@ -31,10 +31,14 @@ from flowd.core.models import (
     JsonObject,
     StepObservation,
 )
+from flowd.core.requests import Claim, split
 from flowd.core.status import FlowStatus, SyncMode
 from flowd.store.port import MAX_PAGE, FlowStore
 
 Clock = Callable[[], datetime]
+#: A command id, or a ``Claim``: the id with what the command asked, so that the id used
+#: again for a different request is an ``IdempotencyConflict`` (core.requests).
+CommandRef = str | Claim
 Step = Callable[[Flow], Change | None]
 M = TypeVar("M", bound=BaseModel)
 
@@ -125,19 +129,19 @@ class FlowManager:
     # -- creation ----------------------------------------------------------------------------
 
     async def create_managed(
-        self, data: CreateManagedInput | JsonObject, *, command_id: str | None = None
+        self, data: CreateManagedInput | JsonObject, *, command_id: CommandRef | None = None
     ) -> Flow:
         """A new managed flow, status ``created``, revision 0."""
         return await self._create(data, SyncMode.MANAGED, command_id)
 
     async def create_mirrored(
-        self, data: CreateManagedInput | JsonObject, *, command_id: str | None = None
+        self, data: CreateManagedInput | JsonObject, *, command_id: CommandRef | None = None
     ) -> Flow:
         """A new mirrored flow, born ``running`` (events ``created`` and ``started``)."""
         return await self._create(data, SyncMode.MIRRORED, command_id)
 
     async def _create(
-        self, data: CreateManagedInput | JsonObject, mode: SyncMode, command_id: str | None
+        self, data: CreateManagedInput | JsonObject, mode: SyncMode, command_id: CommandRef | None
     ) -> Flow:
         valid = _validated(CreateManagedInput, data)
         change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
@@ -145,10 +149,13 @@ class FlowManager:
         return change.flow
 
     async def record_rejection(
-        self, command_id: str, flow_id: UUID | None, token: str, error: errors.FlowError
+        self, command_id: CommandRef, flow_id: UUID | None, token: str, error: errors.FlowError
     ) -> None:
         """Record that ``command_id`` was rejected with ``error`` (and, with the outbox on,
-        announce it on ``out.<token>``). A command already processed raises DuplicateCommand."""
+        announce it on ``out.<token>``). A command already processed raises DuplicateCommand
+        (or IdempotencyConflict: the id was first used for a different request)."""
+        cid, request = split(command_id)
+        assert cid is not None
         outcome: JsonObject = {
             "status": "rejected",
             "flow_id": None if flow_id is None else str(flow_id),
@@ -156,7 +163,7 @@ class FlowManager:
             "message": error.message,
             "details": error.details(),
         }
-        await self.store.record_outcome(command_id, flow_id, token, outcome)
+        await self.store.record_outcome(cid, flow_id, token, outcome, request=request)
         self._on_commit(None)
 
     # -- mutations ---------------------------------------------------------------------------
@@ -166,7 +173,7 @@ class FlowManager:
         flow_id: UUID,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """created -> running."""
         return await self._mutate(flow_id, expected_revision, command_id, self._op(apply.start))
@@ -177,7 +184,7 @@ class FlowManager:
         wait_json: JsonObject,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """running -> waiting; ``wait_json`` must be a valid wait condition (core.waits).
         A kept signal that matches resumes the flow at once."""
@@ -199,7 +206,7 @@ class FlowManager:
         payload: JsonValue = None,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """Send signal ``name``: resumes the flow if it waits for it, else the signal is kept
         (durably) and consumed by the first later wait for that name."""
@@ -219,7 +226,7 @@ class FlowManager:
         *,
         expected_revision: int | None = None,
         cause: JsonObject | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """waiting -> running; clears ``wait_json`` and shallow-merges ``state_patch``."""
         if state_patch is not None:
@@ -239,7 +246,7 @@ class FlowManager:
         final_state: JsonObject | None = None,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """running -> finished, after merging ``final_state``."""
         if final_state is not None:
@@ -257,7 +264,7 @@ class FlowManager:
         reason: str,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """running | waiting -> failed; ``state_json.failure = {reason, at}``."""
         return await self._mutate(
@@ -272,7 +279,7 @@ class FlowManager:
         flow_id: UUID,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
         token: str | None = None,
     ) -> Flow:
         """Set the sticky cancel intent (status unchanged). A repeat, or a flow that is already
@@ -287,7 +294,7 @@ class FlowManager:
         flow_id: UUID,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """Any non-terminal status -> cancelled."""
         return await self._mutate(flow_id, expected_revision, command_id, self._op(apply.cancel))
@@ -299,7 +306,7 @@ class FlowManager:
         next_step: str | None = None,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
     ) -> Flow:
         """Shallow-merge ``patch``, optionally set ``current_step``; status unchanged."""
         apply.require_object(patch, "patch")
@@ -317,7 +324,7 @@ class FlowManager:
         obs: StepObservation | JsonObject,
         *,
         expected_revision: int | None = None,
-        command_id: str | None = None,
+        command_id: CommandRef | None = None,
         token: str | None = None,
     ) -> FlowStep:
         """Upsert the step ``(flow_id, run_id)``; a late non-terminal report never overwrites
@@ -348,7 +355,7 @@ class FlowManager:
         self,
         flow_id: UUID,
         expected: int | None,
-        command_id: str | None,
+        command_id: CommandRef | None,
         step: Step,
         token: str | None = None,
     ) -> Flow:
@@ -361,7 +368,7 @@ class FlowManager:
         self,
         flow_id: UUID,
         expected: int | None,
-        command_id: str | None,
+        command_id: CommandRef | None,
         step: Callable[[Flow], Awaitable[Change | None]],
         token: str | None = None,
     ) -> Flow:
@@ -403,21 +410,27 @@ class FlowManager:
                 continue
             return change.flow
 
-    async def _unchanged(self, flow: Flow, command_id: str | None, token: str | None) -> None:
+    async def _unchanged(
+        self, flow: Flow, command_id: CommandRef | None, token: str | None
+    ) -> None:
         """Record that ``command_id`` changed nothing (its outcome names the revision)."""
-        if command_id is not None:
+        cid, request = split(command_id)
+        if cid is not None:
             outcome: JsonObject = {
                 "status": "unchanged",
                 "flow_id": str(flow.id),
                 "revision": flow.revision,
             }
-            await self.store.record_outcome(command_id, flow.id, token or str(flow.id), outcome)
+            await self.store.record_outcome(
+                cid, flow.id, token or str(flow.id), outcome, request=request
+            )
             self._on_commit(None)
 
-    async def _commit(self, change: Change, command_id: str | None) -> None:
+    async def _commit(self, change: Change, command_id: CommandRef | None) -> None:
         """Write ``change``; keep the flow as it is now for the next write (unless it ended:
         a terminal flow takes no more changes)."""
-        await self.store.commit(change, command_id=command_id)
+        cid, request = split(command_id)
+        await self.store.commit(change, command_id=cid, request=request)
         flow = change.flow
         if flow.status.terminal or not self._cache_size:
             self._cache.pop(flow.id, None)

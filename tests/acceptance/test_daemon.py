@@ -123,11 +123,11 @@ async def test_same_command_id_has_one_effect_and_one_outcome(
     await w.publish(s.command(fid, "update"), {"patch": {"n": 1}}, cid="upd-1")  # JetStream dedup
     await w.wait_for(lambda: _n_events(w, 3))
     await asyncio.sleep(1.5)  # past the duplicate window
-    await w.publish(s.command(fid, "update"), {"patch": {"n": 2}}, cid="upd-1")
+    await w.publish(s.command(fid, "update"), {"patch": {"n": 2}}, cid="upd-1")  # conflict
     await w.publish(s.command(fid, "finish"), cid="fin-1")
     await w.publish(s.create(), {**CREATE, "id": fid}, cid="create-1")  # replayed create
     events = await w.wait_for(lambda: _n_events(w, 4))
-    await w.wait_for(lambda: _metric(d, 'flowd_commands_duplicate_total{kind="cmd"} 2'))
+    await w.wait_for(lambda: _metric(d, 'flowd_commands_duplicate_total{kind="cmd"} 1'))
     assert [(e["kind"], e["command_id"]) for e in events] == [
         ("created", "create-1"),
         ("started", "start-1"),
@@ -135,7 +135,10 @@ async def test_same_command_id_has_one_effect_and_one_outcome(
         ("finished", "fin-1"),
     ]
     assert events[-1]["flow"]["state_json"] == {"n": 1}
-    assert await w.outcomes() == []
+    # the same id for another request: refused, the first use named (subjects.md)
+    [conflict] = await w.wait_for(w.outcomes)
+    assert (conflict["command_id"], conflict["code"]) == ("upd-1", "idempotency_conflict")
+    assert conflict["details"]["first"]["verb"] == "update"
     cmd_msgs = await w.stream_msgs(s.cmd_stream)
     assert len(cmd_msgs) == 6  # 7 published, one dropped by JetStream's dedup
 
@@ -153,8 +156,11 @@ async def test_api_queries_and_typed_mutations(daemon: DaemonProcess, nats_wire:
     assert created["ok"], created
     assert created["result"]["outcome"]["status"] == "applied"
     assert created["result"]["flow"]["status"] == "created"
-    again = await w.request("cmd.create", {**CREATE, "id": fid}, {"Nats-Msg-Id": "a1"})
+    body = {**CREATE, "id": fid, "owner_session_key": "alice"}
+    again = await w.request("cmd.create", body, {"Nats-Msg-Id": "a1"})
     assert again["result"]["duplicate"] is True
+    other = await w.request("cmd.create", {**CREATE, "id": fid}, {"Nats-Msg-Id": "a1"})
+    assert other["error"]["code"] == "idempotency_conflict"  # the id, for another request
     started = await w.request(f"cmd.{fid}.start", {}, {"Nats-Msg-Id": "a2"})
     assert started["result"]["flow"]["revision"] == 1
     bad = await w.request(f"cmd.{fid}.start", {}, {"Nats-Msg-Id": "a3"})

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from flowd import FlowManager, FlowStore, InvalidTransition, RevisionMismatch
-from flowd.core.errors import DuplicateCommand
+from flowd.core.errors import DuplicateCommand, IdempotencyConflict, InvalidInput
 from flowd.core.outbox import OutboxMessage
+from flowd.core.requests import Claim, Request
 from tests.support.factories import create_input
 
 
@@ -163,3 +164,39 @@ async def test_concurrent_duplicates_apply_once(outbox_store: FlowStore) -> None
         isinstance(r, DuplicateCommand | RevisionMismatch) for r in results if r not in applied
     )
     assert (await manager.get(flow.id)).revision == 2
+
+
+async def test_the_same_id_for_another_request_is_a_conflict(outbox_store: FlowStore) -> None:
+    manager = FlowManager(outbox_store)
+    flow = await manager.create_managed(create_input(), command_id=Claim("c0", Request("x", "0")))
+    start = Request("start", "d-start")
+    await manager.start_running(flow.id, command_id=Claim("c1", start))
+    sent = len(await drain_all(outbox_store))
+    first = await outbox_store.get_first_use("c1")
+    assert first is not None
+    assert (first.verb, first.digest, first.flow_id) == ("start", "d-start", flow.id)
+    expected = {"command_id": "c1", "first": first.as_json()}
+    assert first.as_json()["verb"] == "start"
+
+    other = Claim("c1", Request("update", "d-update"))
+    with pytest.raises(IdempotencyConflict) as conflict:
+        await manager.update_state(flow.id, {"x": 1}, command_id=other)
+    assert conflict.value.details() == expected
+    with pytest.raises(IdempotencyConflict):
+        await manager.record_rejection(other, flow.id, str(flow.id), InvalidInput("bad"))
+    # the same request, a plain id, or a record without a request: a repeat, as before
+    with pytest.raises(DuplicateCommand):
+        await manager.update_state(flow.id, {"x": 1}, command_id=Claim("c1", start))
+    with pytest.raises(DuplicateCommand):
+        await manager.update_state(flow.id, {"x": 1}, command_id="c1")
+    await manager.update_state(flow.id, {"y": 1}, command_id="c-plain")
+    assert (await outbox_store.get_first_use("c-plain")).digest is None  # type: ignore[union-attr]
+    with pytest.raises(DuplicateCommand):
+        await manager.update_state(flow.id, {"z": 1}, command_id=Claim("c-plain", start))
+    # nothing of the refused ones was written or announced
+    now = await manager.get(flow.id)
+    assert (now.revision, now.state_json) == (2, {**flow.state_json, "y": 1})
+    assert len(await drain_all(outbox_store)) == 1  # the c-plain update's event
+    assert sent == 2
+    assert (await outbox_store.get_outcome("c1"))["status"] == "applied"  # type: ignore[index]
+    assert await outbox_store.get_first_use("unknown") is None

@@ -9,8 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from flowd import FlowManager
+from flowd.core.errors import StoreUnavailable
 from flowd.store import migrate
 from flowd.store.postgres import PostgresFlowStore
+from tests.support.factories import create_input
 
 pytestmark = pytest.mark.postgres
 
@@ -124,3 +127,26 @@ def test_flowd_migrate_cli(empty_database_url: str) -> None:
     assert applied.stdout.startswith("applied: 0001_flows")
     assert flowd("migrate").stdout.strip() == "schema is up to date"
     assert flowd("check").returncode == 0
+
+
+async def test_a_read_only_database_is_unavailable_not_a_schema_error(
+    database_url: str, pg_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = database_url.partition("?")[0].rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_server)
+    # (the name is the fixture's, never user input: identifiers cannot be bound)
+    await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    store = await PostgresFlowStore.connect(database_url)
+    try:
+        assert await store.migrate() == []  # nothing pending: nothing written, it starts
+        with pytest.raises(StoreUnavailable):  # a write waits for the database
+            await FlowManager(store).create_managed(create_input())
+        known = migrate.load()
+        extra = migrate.Migration(len(known) + 1, "extra", "CREATE TABLE extra (a int)")
+        monkeypatch.setattr(migrate, "load", lambda path=None: [*known, extra])
+        with pytest.raises(StoreUnavailable):  # not MigrationError: flowd waits, not exits
+            await store.migrate()
+    finally:
+        await store.close()
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await admin.close()

@@ -178,3 +178,43 @@ def test_create_on_the_flow_subject_takes_the_id_from_it() -> None:
     assert str(d.body.id) == FID  # type: ignore[attr-defined]
     with pytest.raises(codec.Rejected, match="differs"):
         decode("cmd", [FID, "create"], {**body, "id": str(uuid.uuid4())})
+
+
+@pytest.mark.parametrize("cid", ["flowd:seq:FLOWS_CMD:8", "flowd:wake:x", "flowd:"])
+def test_an_id_in_flowds_namespace_is_rejected_under_the_fallback_id(cid: str) -> None:
+    with pytest.raises(codec.Rejected) as info:
+        decode("cmd", [FID, "start"], headers={"Nats-Msg-Id": cid})
+    assert info.value.command_id == "S:7"
+    assert info.value.error.code == "invalid_input"
+    assert info.value.error.details() == {"errors": {"Nats-Msg-Id": "must not start with 'flowd:'"}}
+    assert codec.command_id({"Nats-Msg-Id": cid}, "fallback") == "fallback"
+    assert codec.fallback_id("FLOWS_CMD", 8) == "flowd:seq:FLOWS_CMD:8"
+
+
+def test_the_request_digest_covers_what_was_asked_and_nothing_else() -> None:
+    create = {"controller_id": "c", "goal": "g", "owner_session_key": "o"}
+    upd = decode("cmd", [FID, "update"], {"patch": {"a": 1, "b": 2}}).request
+    assert upd.verb == "update"
+    reordered = decode("cmd", [FID, "update"], raw=b'{"patch":{"b":2,  "a":1}}').request
+    assert reordered == upd  # the same request, spelled otherwise
+    defaults = decode("cmd", [FID, "update"], {"patch": {"a": 1, "b": 2}, "next_step": None})
+    assert defaults.request == upd
+    assert decode("cmd", [FID, "update"], {"patch": {"a": 2, "b": 2}}).request != upd
+    other_flow = decode("cmd", [str(uuid.uuid4()), "update"], {"patch": {"a": 1, "b": 2}})
+    assert other_flow.request != upd
+    at = decode("cmd", [FID, "update"], {"patch": {"a": 1, "b": 2}, "expected_revision": 1})
+    assert at.request != upd
+    # a create names its flow by the subject or the payload: one request
+    by_subject = decode("cmd", [FID, "create"], create).request
+    assert decode("cmd", ["create"], {**create, "id": FID}).request == by_subject
+    # an observation's flow_id is the subject's; cmd and obs never share a digest
+    obs = {"run_id": "r", "task": "t", "status": "running"}
+    assert (
+        decode("obs", [FID], obs).request == decode("obs", [FID], {**obs, "flow_id": FID}).request
+    )
+    # an invalid body has a digest of its bytes
+    with pytest.raises(codec.Rejected) as bad:
+        decode("cmd", [FID, "update"], {"patch": [1]})
+    assert bad.value.request is not None
+    assert bad.value.request.verb == "update"
+    assert bad.value.request.digest not in (upd.digest, by_subject.digest)

@@ -8,7 +8,7 @@ import gc
 import asyncpg
 import pytest
 
-from flowd.core.errors import StoreUnavailable
+from flowd.core.errors import InvalidInput, StoreUnavailable
 from flowd.store import postgres
 
 
@@ -19,12 +19,57 @@ from flowd.store import postgres
         asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         asyncpg.CannotConnectNowError("the database system is shutting down"),
         ConnectionResetError(),
+        # the database turned read-only (default_transaction_read_only, a standby)
+        asyncpg.ReadOnlySQLTransactionError("cannot execute UPDATE in a read-only transaction"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.DiskFullError("could not extend file: No space left on device"),
+        asyncpg.OutOfMemoryError("out of memory"),
+        asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+        asyncpg.PostgresIOError("could not read block"),
+        asyncpg.LockNotAvailableError("could not obtain lock"),
+        asyncpg.InsufficientPrivilegeError("permission denied for table flows"),
+        asyncpg.InvalidCatalogNameError('database "flowd" does not exist'),
+        asyncpg.SerializationError("could not serialize access"),
     ],
 )
 async def test_connection_trouble_is_store_unavailable(exc: Exception) -> None:
     with pytest.raises(StoreUnavailable):
         async with postgres._translated():
             raise exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "condition"),
+    [
+        (
+            asyncpg.UntranslatableCharacterError('unsupported Unicode escape sequence "\\u0000"'),
+            "untranslatable character",
+        ),
+        (
+            asyncpg.NumericValueOutOfRangeError("value 1e400 out of range"),
+            "numeric value out of range",
+        ),
+        (
+            asyncpg.InvalidTextRepresentationError('invalid input syntax "secret"'),
+            "invalid text representation",
+        ),
+        (asyncpg.DataError("invalid input for query argument $5: 'secret'"), "data exception"),
+        (
+            asyncpg.ProgramLimitExceededError("total size of jsonb array elements"),
+            "program limit exceeded",
+        ),
+    ],
+)
+async def test_a_value_the_database_cannot_hold_is_invalid_input(
+    exc: Exception, condition: str
+) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        async with postgres._translated():
+            raise exc
+    assert condition in refused.value.message
+    assert "secret" not in refused.value.message  # the driver's text (maybe the value) stays out
+    assert refused.value.details() == {"errors": {"_": refused.value.message}}
 
 
 async def test_a_query_error_is_not_hidden() -> None:

@@ -21,12 +21,17 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from flowd.bus.subjects import MSG_ID, VERBS
-from flowd.core import door, errors
+from flowd.core import door, errors, requests
 from flowd.core.models import CreateManagedInput, JsonObject
+from flowd.core.requests import Claim, Request
 from flowd.core.status import FlowStepStatus, SyncMode
 
 MAX_DEPTH: Final = door.MAX_DEPTH
 MAX_ID_LENGTH: Final = 200
+#: Every command id flowd makes starts with this (fallback ids ``flowd:seq:<stream>:<seq>``,
+#: the wait engine's ``flowd:wake:…`` and ``flowd:msg:…``, API ``flowd:api:<uuid>``); a
+#: publisher's id never may, so the two can never collide (subjects.md, Commands).
+RESERVED: Final = "flowd:"
 
 Revision = Annotated[int, Field(strict=True, ge=0)]
 Text = Annotated[str, Field(strict=True, max_length=10_000)]
@@ -126,6 +131,20 @@ class Decoded:
     token: str
     command_id: str
     body: BaseModel
+    kind: str = "cmd"
+
+    @property
+    def request(self) -> Request:
+        """What it asks, as its processed-command record keeps it (core.requests)."""
+        body = self.body.model_dump(
+            mode="json", exclude={"flow_id"} if self.kind == "obs" else None
+        )
+        return Request(self.verb, requests.digest(self.kind, self.verb, self.flow_id, body))
+
+    @property
+    def claim(self) -> Claim:
+        """Its command id with its request, for the manager."""
+        return Claim(self.command_id, self.request)
 
 
 class Undecodable(Exception):
@@ -140,20 +159,46 @@ class Rejected(Exception):
     """Readable but invalid input: answer ``error`` as the outcome of ``command_id``."""
 
     def __init__(
-        self, command_id: str, token: str, flow_id: UUID | None, error: errors.FlowError
+        self,
+        command_id: str,
+        token: str,
+        flow_id: UUID | None,
+        error: errors.FlowError,
+        request: Request | None = None,
     ) -> None:
         super().__init__(error.message)
         self.command_id = command_id
         self.token = token
         self.flow_id = flow_id
         self.error = error
+        self.request = request
+
+    @property
+    def claim(self) -> Claim:
+        """Its command id with its request, for the manager."""
+        return Claim(self.command_id, self.request)
+
+
+def fallback_id(stream: str, sequence: int) -> str:
+    """The id of a command that came without one: its place in its stream."""
+    return f"{RESERVED}seq:{stream}:{sequence}"
+
+
+def _header_id(headers: dict[str, str] | None) -> str:
+    return (headers or {}).get(MSG_ID, "").strip()
+
+
+def reserved(value: str) -> bool:
+    """Whether ``value`` is in the namespace of ids flowd makes (never a publisher's)."""
+    return value.startswith(RESERVED)
 
 
 def command_id(headers: dict[str, str] | None, fallback: str) -> str:
-    """The command's idempotency key: its ``Nats-Msg-Id``, else (absent or unusable:
-    ``id_problem``) ``fallback``."""
-    value = (headers or {}).get(MSG_ID, "").strip()
-    return value if value and id_problem(headers) is None else fallback
+    """The command's idempotency key: its ``Nats-Msg-Id``, else ``fallback``: when it is
+    absent, unusable (``id_problem``) or in flowd's reserved namespace (``decode`` rejects
+    the command then)."""
+    value = _header_id(headers)
+    return value if value and id_problem(headers) is None and not reserved(value) else fallback
 
 
 def id_problem(headers: dict[str, str] | None) -> str | None:
@@ -200,37 +245,47 @@ def decode(
     if (problem := door.text_problem(token)) is not None:  # no outcome subject to keep
         raise Undecodable(f"subject token '{door.escaped(token)}' {problem}")
     flow_id: UUID | None = None
+
+    def rejected(error: errors.FlowError) -> Rejected:
+        request = Request(verb, requests.digest(kind, verb, flow_id, requests.invalid_body(data)))
+        return Rejected(cid, token, flow_id, error, request)
+
     if token != "create" or verb != "create":
         try:
             flow_id = UUID(token)
         except ValueError:
-            raise Rejected(
-                cid, token, None, errors.InvalidInput(f"{token!r} is not a flow id (UUID)")
-            ) from None
+            raise rejected(errors.InvalidInput(f"{token!r} is not a flow id (UUID)")) from None
     if (problem := id_problem(headers)) is not None:
         # Unusable as an idempotency key: refused under the fallback id, before any effect.
-        error = errors.InvalidInput(f"{MSG_ID} {problem}", {MSG_ID: problem})
-        raise Rejected(cid, token, flow_id, error)
+        raise rejected(errors.InvalidInput(f"{MSG_ID} {problem}", {MSG_ID: problem}))
     model = BODIES.get(verb)
     if model is None or (kind == "cmd" and verb == "observe"):
-        raise Rejected(
-            cid,
-            token,
-            flow_id,
-            errors.InvalidInput(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}"),
+        raise rejected(
+            errors.InvalidInput(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
+        )
+    if reserved(_header_id(headers)):
+        raise rejected(
+            errors.InvalidInput(
+                f"command ids starting with {RESERVED!r} are reserved for ids flowd makes",
+                {MSG_ID: f"must not start with {RESERVED!r}"},
+            )
         )
     try:
         value = parse_json(data, max_payload)
     except errors.InvalidInput as exc:
-        raise Rejected(cid, token, flow_id, exc) from None
+        raise rejected(exc) from None
     if not isinstance(value, dict):
-        error = errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
-        raise Rejected(cid, token, flow_id, error)
+        raise rejected(
+            errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
+        )
     try:
         body = model.model_validate(value)
     except ValidationError as exc:
-        raise Rejected(cid, token, flow_id, invalid_input(exc, f"{verb} payload")) from None
-    return _reconcile_ids(Decoded(verb, flow_id, token, cid, body))
+        raise rejected(invalid_input(exc, f"{verb} payload")) from None
+    try:
+        return _reconcile_ids(Decoded(verb, flow_id, token, cid, body, kind))
+    except Rejected as exc:
+        raise rejected(exc.error) from None
 
 
 def _route(kind: str, tokens: list[str]) -> tuple[str, str]:
@@ -254,10 +309,10 @@ def _reconcile_ids(cmd: Decoded) -> Decoded:
             mismatch = body.id not in (None, flow_id)
             body = body.model_copy(update={"id": flow_id})
         elif body.id is not None:
-            return Decoded(cmd.verb, body.id, str(body.id), cmd.command_id, body)
+            return Decoded(cmd.verb, body.id, str(body.id), cmd.command_id, body, cmd.kind)
     elif isinstance(body, ObserveCommand):
         mismatch = body.flow_id not in (None, flow_id)
     if mismatch:
         error = errors.InvalidInput("the flow id in the payload differs from the subject's")
         raise Rejected(cmd.command_id, cmd.token, flow_id, error)
-    return Decoded(cmd.verb, flow_id, cmd.token, cmd.command_id, body)
+    return Decoded(cmd.verb, flow_id, cmd.token, cmd.command_id, body, cmd.kind)

@@ -302,6 +302,17 @@ class NatsBus:
         async with _translated():
             await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
 
+    async def publish_outcome(self, message: OutboxMessage) -> None:
+        """Publish one outcome that is not recorded (it has no outbox row): an
+        ``idempotency_conflict``, whose command id belongs to the id's first use."""
+        headers = {names.MSG_ID: message.msg_id}
+        if message.command_id is not None:
+            headers[names.COMMAND_ID] = message.command_id
+        async with _translated():
+            await self.js.publish(
+                self.subjects.topic(message.topic), message.text().encode(), headers=headers
+            )
+
     async def nudge_relay(self) -> None:
         """Tell the replica holding the relay lock that this one committed outbox rows."""
         async with _translated():

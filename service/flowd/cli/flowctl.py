@@ -293,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "create":
             p.add_argument("flow_id", type=flow_id, metavar="FLOW_ID", help="the flow (UUID)")
         g = p.add_argument_group("command options")
-        g.add_argument("--command-id", help="idempotency key (default: a new random id)")
+        g.add_argument(
+            "--command-id",
+            help="idempotency key (default: a new random id); not starting with 'flowd:'. "
+            "Reused for another request: idempotency_conflict, exit 1",
+        )
         g.add_argument("--no-wait", action="store_true", help="publish, print the command id")
         if name not in ("create", "observe"):
             g.add_argument("--expected-revision", type=int, metavar="N", help="apply only at N")

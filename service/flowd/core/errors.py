@@ -10,7 +10,9 @@
     │   └── CancelPending           (reason "cancel_pending")
     ├── RevisionMismatch            "revision_mismatch"    flow_id, expected, actual
     ├── InvalidInput                "invalid_input"        errors (field -> message)
-    └── DuplicateCommand            "duplicate_command"    command_id, outcome
+    ├── DuplicateCommand            "duplicate_command"    command_id, outcome
+    ├── IdempotencyConflict         "idempotency_conflict" command_id, first (verb, flow_id, at)
+    └── Internal                    "internal"             error (the exception's type)
     StoreUnavailable                "store_unavailable"    transient; retry later
 
 ``StoreUnavailable`` is a ``FlowError`` too so callers can catch one base class, but it is the
@@ -163,6 +165,36 @@ class DuplicateCommand(FlowError):
 
     def details(self) -> dict[str, Any]:
         return {"command_id": self.command_id, "outcome": self.outcome}
+
+
+class IdempotencyConflict(FlowError):
+    """This command id was first used for a different request; nothing was applied."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, command_id: str, first: dict[str, Any]) -> None:
+        self.command_id = command_id
+        self.first = first
+        super().__init__(
+            f"command id {command_id!r} was first used for {first.get('verb')} on flow "
+            f"{first.get('flow_id')} at {first.get('at')}, a different request; use a new id"
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "first": self.first}
+
+
+class Internal(FlowError):
+    """flowd failed on this input (a bug); nothing was applied."""
+
+    code = "internal"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        self._details = details or {}
+        super().__init__(message)
+
+    def details(self) -> dict[str, Any]:
+        return self._details
 
 
 class StoreUnavailable(FlowError):

@@ -22,6 +22,7 @@ from flowd.bus.nats import Message, NatsBus
 from flowd.core import errors
 from flowd.core.models import JsonObject
 from flowd.core.outbox import snapshot
+from flowd.core.requests import Claim
 from flowd.core.status import FlowStatus
 from flowd.daemon.dispatch import execute, result_json
 from flowd.daemon.health import Metrics
@@ -85,7 +86,10 @@ class Api:
             headers = {names.SERVICE_ERROR_CODE: exc.code, names.SERVICE_ERROR: exc.message[:200]}
         except Exception as exc:
             log.exception("api_crashed", subject=msg.subject)
-            body = {"ok": False, "error": {"code": "internal", "message": repr(exc), "details": {}}}
+            # The exception's type only: its text may quote the request or the database.
+            what = type(exc).__name__
+            error = {"code": "internal", "message": f"{what} (a bug, logged)", "details": {}}
+            body = {"ok": False, "error": error}
             headers = {names.SERVICE_ERROR_CODE: "internal", names.SERVICE_ERROR: "internal"}
         self.metrics.inc("api_requests_total", ok=str(body["ok"]).lower())
         if msg.reply:
@@ -118,11 +122,15 @@ class Api:
             return {"events": [e.model_dump(mode="json") for e in events]}
         if op == "outcome":
             oc = _valid(OutcomeRequest, data)
-            return {"outcome": await self.manager.store.get_outcome(oc.command_id)}
+            first = await self.manager.store.get_first_use(oc.command_id)
+            return {
+                "outcome": await self.manager.store.get_outcome(oc.command_id),
+                "first_use": None if first is None else {**first.as_json(), "digest": first.digest},
+            }
         raise errors.InvalidInput(f"unknown API operation {'.'.join(tokens)!r}")
 
     async def _mutate(self, kind: str, tokens: list[str], msg: Message) -> Any:
-        fallback = f"api-{uuid.uuid4().hex}"
+        fallback = f"{codec.RESERVED}api:{uuid.uuid4().hex}"
         try:
             cmd = codec.decode(
                 "cmd" if kind == "cmd" else "obs",
@@ -135,37 +143,46 @@ class Api:
         except codec.Undecodable as exc:
             raise errors.InvalidInput(exc.reason) from None
         except codec.Rejected as exc:
-            await self._reject(exc.command_id, exc.flow_id, exc.token, exc.error)
-            raise exc.error from None
+            if (repeat := await self._reject(exc.claim, exc.flow_id, exc.token, exc.error)) is None:
+                raise exc.error from None
+            return repeat
         try:
             result = await execute(self.manager, cmd)
         except errors.DuplicateCommand as dup:
-            stored = dup.outcome
-            if stored.get("status") == "rejected":
-                raise _replayed(stored) from None
-            reply: JsonObject = {"outcome": stored, "duplicate": True}
-            if cmd.flow_id is not None or stored.get("flow_id"):
-                flow_id = cmd.flow_id or UUID(str(stored["flow_id"]))
-                reply["flow"] = snapshot(await self.manager.require(flow_id))
-            return reply
-        except errors.StoreUnavailable:
-            raise
+            return await self._repeat(cmd.flow_id, dup)
+        except (errors.StoreUnavailable, errors.IdempotencyConflict):
+            raise  # (a conflict is not recorded: the id is its first use's)
         except errors.FlowError as exc:
-            await self._reject(cmd.command_id, cmd.flow_id, cmd.token, exc)
-            raise
+            if (repeat := await self._reject(cmd.claim, cmd.flow_id, cmd.token, exc)) is None:
+                raise
+            return repeat
         stored_outcome = await self.manager.store.get_outcome(cmd.command_id)
         key = "step" if cmd.verb == "observe" else "flow"
         return {"outcome": stored_outcome, key: result_json(result)}
 
     async def _reject(
-        self, command_id: str, flow_id: UUID | None, token: str, error: errors.FlowError
-    ) -> None:
+        self, command_id: Claim, flow_id: UUID | None, token: str, error: errors.FlowError
+    ) -> JsonObject | None:
+        """Record the rejection; None, or (the id was processed before, for this same
+        request) the reply to a repeat."""
         try:
             await self.manager.record_rejection(command_id, flow_id, token, error)
         except errors.DuplicateCommand as dup:
-            if dup.outcome.get("status") == "rejected":
-                raise _replayed(dup.outcome) from None
-            raise
+            return await self._repeat(flow_id, dup)
+        return None
+
+    async def _repeat(self, flow_id: UUID | None, dup: errors.DuplicateCommand) -> JsonObject:
+        """The reply to a repeated command id: its recorded outcome (a recorded rejection
+        is answered again as the error it was)."""
+        stored = dup.outcome
+        if stored.get("status") == "rejected":
+            raise _replayed(stored) from None
+        reply: JsonObject = {"outcome": stored, "duplicate": True}
+        if flow_id is not None or stored.get("flow_id"):
+            flow = await self.manager.store.get(flow_id or UUID(str(stored["flow_id"])))
+            if flow is not None:
+                reply["flow"] = snapshot(flow)
+        return reply
 
 
 def _error(exc: errors.FlowError) -> JsonObject:

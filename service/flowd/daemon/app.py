@@ -100,11 +100,19 @@ class Daemon:
         if store is None:
             return 0
         try:
+            # A database that cannot take the migrations now (read-only, going down) is
+            # waited for like an unreachable one.
             if s.migrate:
-                applied = await store.migrate()
+                applied = await self._retry("migrations", store.migrate)
+                if applied is None:
+                    return 0
                 log.info("schema_migrated", applied=applied)
-            elif pending := await store.pending_migrations():
-                raise MigrationError(f"pending migrations: {', '.join(pending)}")
+            else:
+                pending = await self._retry("migrations", store.pending_migrations)
+                if pending is None:
+                    return 0
+                if pending:
+                    raise MigrationError(f"pending migrations: {', '.join(pending)}")
             nc = await self._retry(
                 "nats",
                 lambda: connect(

@@ -5,14 +5,19 @@ id, outboxed) -> ack. Messages of one flow run one after another in stream order
 different flows run concurrently, bounded by a semaphore. How each ending maps to ack / dead
 letter is decided here in one place (``_handle``):
 
-- applied, unchanged, duplicate -> ack (the outcome is in the outbox already);
+- applied, unchanged, duplicate (its id and request seen before) -> ack (the outcome is in
+  the outbox already);
 - rejected (a FlowError) -> record the rejection (outboxed ``out.<token>`` message) -> ack;
+- its id first used for a different request -> an ``idempotency_conflict`` outcome published
+  at once (not recorded: the id is the first use's) -> ack;
 - undecodable, or delivered too often without an outcome -> dead letter -> ack;
-- PostgreSQL unreachable -> retried in place with backoff, the message kept in progress; it
-  is never dead-lettered and never overtaken by a later message of the same flow. Only when
-  stopping (shutdown, or the partition moved away) is it handed back, with the rest of its
-  lane, in stream order;
-- a crash (a bug) -> nak with a backoff, the rest of its flow's lane after it.
+- PostgreSQL unreachable (or read-only, or another "not now" error) -> retried in place with
+  backoff, the message kept in progress; it is never dead-lettered and never overtaken by a
+  later message of the same flow. Only when stopping (shutdown, or the partition moved away)
+  is it handed back, with the rest of its lane, in stream order;
+- a crash (a bug while applying it) -> a best-effort ``internal`` rejection recorded as its
+  outcome, then a dead letter with the exception's type -> ack; its flow's later messages
+  follow it in order, as after any other outcome.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import structlog
@@ -30,22 +35,22 @@ from flowd.bus import codec
 from flowd.bus.nats import BusUnavailable, Message, NatsBus
 from flowd.core import errors
 from flowd.core.models import Flow, FlowStep, JsonObject, StepObservation
-from flowd.core.outbox import snapshot
+from flowd.core.outbox import OutboxMessage, snapshot
 from flowd.daemon.health import Metrics
 from flowd.manager import FlowManager
 
 log = structlog.get_logger("flowd.dispatch")
 Kind = Literal["cmd", "obs"]
-#: How handling a message ended: settled (acked), to be handed back (stopping), or nak'd with
-#: a backoff after a crash.
-Ending = Literal["settled", "back", "crashed"]
+#: How handling a message ended: settled (acked, or dead-lettered and acked), or to be handed
+#: back (stopping).
+Ending = Literal["settled", "back"]
 Lane = collections.deque[tuple[Message, codec.Decoded | Exception]]
 
 
 async def execute(manager: FlowManager, cmd: codec.Decoded) -> Flow | FlowStep:
     """Apply one decoded command through the manager (the path shared with the API)."""
     body: Any = cmd.body
-    cid = cmd.command_id
+    cid = cmd.claim
     if cmd.verb == "create":
         create = manager.create_mirrored if body.sync_mode == "mirrored" else manager.create_managed
         return await create(body.input(), command_id=cid)
@@ -152,7 +157,7 @@ class Dispatcher:
     ) -> tuple[str, codec.Decoded | Exception]:
         """Its lane (its flow, else its command id) and the message decoded, or why not."""
         meta = msg.metadata
-        fallback = f"{meta.stream}:{meta.sequence.stream}"
+        fallback = codec.fallback_id(meta.stream, meta.sequence.stream)
         try:
             ok = codec.decode(
                 kind,
@@ -189,10 +194,6 @@ class Dispatcher:
                     break  # interrupted by the stop (PostgreSQL or NATS away): back it goes
                 lane.popleft()
                 settled()
-                if ending == "crashed":
-                    # Nak'd with a backoff: every later message of its flow goes back after
-                    # it, with the same delay, or it would overtake it.
-                    await _nak_all(lane, _backoff(msg), settled)
             while lane:
                 hand_back(lane.popleft()[0])
                 settled()
@@ -219,22 +220,37 @@ class Dispatcher:
         if delivered >= self.max_deliver:
             reason = f"delivered {delivered} times without an outcome"
             return await self._dead_letter(kind, msg, reason, bound, stop)
-        if isinstance(decoded, codec.Rejected):
+        try:
+            if isinstance(decoded, codec.Rejected):
+                return await self._reject(msg, decoded, bound, stop)
+            assert isinstance(decoded, codec.Decoded)
+            return await self._apply(kind, msg, decoded, bound, started, stop)
+        except errors.IdempotencyConflict as exc:
+            assert isinstance(decoded, codec.Decoded | codec.Rejected)
+            return await self._conflict(msg, decoded, exc, bound, stop)
+        except Exception as exc:
+            assert isinstance(decoded, codec.Decoded | codec.Rejected)
+            return await self._crashed(kind, msg, decoded, exc, bound, stop)
+
+    async def _reject(
+        self, msg: Message, decoded: codec.Rejected, bound: Any, stop: Callable[[], bool]
+    ) -> Ending:
+        try:
             done = await self._with_store(
                 msg,
                 bound,
                 stop,
                 lambda: self.manager.record_rejection(
-                    decoded.command_id, decoded.flow_id, decoded.token, decoded.error
+                    decoded.claim, decoded.flow_id, decoded.token, decoded.error
                 ),
             )
-            if not done:
-                return "back"
-            self._count_rejection(decoded.error.code, bound, decoded.error.message)
-            await _settle(msg.ack())
-            return "settled"
-        assert isinstance(decoded, codec.Decoded)
-        return await self._apply(kind, msg, decoded, bound, started, stop)
+        except errors.DuplicateCommand:  # recorded before (a redelivery, a re-publish)
+            done = True
+        if not done:
+            return "back"
+        self._count_rejection(decoded.error.code, bound, decoded.error.message)
+        await _settle(msg.ack())
+        return "settled"
 
     async def _apply(
         self,
@@ -256,11 +272,10 @@ class Dispatcher:
             except errors.DuplicateCommand:
                 outcome.append("duplicate")
                 bound.info("command_duplicate", verb=cmd.verb)
-            except errors.StoreUnavailable:
+            except (errors.StoreUnavailable, errors.IdempotencyConflict):
                 raise
             except errors.FlowError as exc:
-                token = cmd.token
-                await self.manager.record_rejection(cmd.command_id, cmd.flow_id, token, exc)
+                await self.manager.record_rejection(cmd.claim, cmd.flow_id, cmd.token, exc)
                 outcome.append("rejected")
                 self._count_rejection(exc.code, bound, exc.message, verb=cmd.verb)
 
@@ -268,13 +283,6 @@ class Dispatcher:
             done = await self._with_store(msg, bound, stop, attempt)
         except errors.DuplicateCommand:  # the rejection raced a duplicate: same thing
             done, outcome[:] = True, ["duplicate"]
-        except Exception:
-            # A bug, not bad input: log it and let JetStream redeliver; after max_deliver
-            # deliveries the message is dead-lettered instead of blocking its flow forever.
-            bound.exception("command_crashed", verb=cmd.verb)
-            self.metrics.inc("commands_crashed_total", kind=kind)
-            await _settle(msg.nak(delay=_backoff(msg)))
-            return "crashed"
         if not done:
             return "back"
         await _settle(msg.ack())
@@ -305,19 +313,72 @@ class Dispatcher:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _conflict(
+        self,
+        msg: Message,
+        cmd: codec.Decoded | codec.Rejected,
+        exc: errors.IdempotencyConflict,
+        bound: Any,
+        stop: Callable[[], bool],
+    ) -> Ending:
+        """Its id was first used for a different request: answer ``idempotency_conflict``
+        on ``out.<token>``, under the message's own ``Nats-Msg-Id`` (``out-`` and its
+        fallback id: one answer per stream message), not recorded (the id is taken)."""
+        meta = msg.metadata
+        body: JsonObject = {
+            "command_id": cmd.command_id,
+            "status": "rejected",
+            "flow_id": None if cmd.flow_id is None else str(cmd.flow_id),
+            "code": exc.code,
+            "message": exc.message,
+            "details": exc.details(),
+        }
+        answer = OutboxMessage(
+            f"out.{cmd.token}",
+            "out-" + codec.fallback_id(meta.stream, meta.sequence.stream),
+            cmd.command_id,
+            body,
+        )
+        if not await _until_sent(lambda: self.bus.publish_outcome(answer), stop):
+            return "back"
+        await _settle(msg.ack())
+        self._count_rejection(exc.code, bound, exc.message)
+        return "settled"
+
+    async def _crashed(
+        self,
+        kind: Kind,
+        msg: Message,
+        cmd: codec.Decoded | codec.Rejected,
+        exc: Exception,
+        bound: Any,
+        stop: Callable[[], bool],
+    ) -> Ending:
+        """A bug while handling it: it is dead-lettered now, with the exception's type and
+        the start of its message, so it neither crash-loops nor holds its flow up (its
+        flow's later messages follow it, in order). First, best effort, its publisher gets
+        an ``internal`` rejection as its outcome (recorded: ``P.out`` and ``P.api.outcome``)."""
+        bound.exception("command_crashed")
+        self.metrics.inc("commands_crashed_total", kind=kind)
+        what = type(exc).__name__
+        internal = errors.Internal(
+            f"flowd failed to apply this command ({what}; a bug, logged): it was dead-lettered",
+            {"error": what},
+        )
+        try:
+            await self.manager.record_rejection(cmd.claim, cmd.flow_id, cmd.token, internal)
+        except Exception as failed:  # already recorded, or the store failed too
+            bound.warning("crash_outcome_not_recorded", error=type(failed).__name__)
+        reason = f"crashed applying it: {what}: {str(exc)[:200]}"
+        return await self._dead_letter(kind, msg, reason, bound, stop)
+
     async def _dead_letter(
         self, kind: Kind, msg: Message, reason: str, bound: Any, stop: Callable[[], bool]
     ) -> Ending:
         meta = msg.metadata
-        cid = codec.command_id(msg.headers, f"{meta.stream}:{meta.sequence.stream}")
-        while True:
-            try:
-                await self.bus.dead_letter(msg, kind, reason, cid)
-                break
-            except BusUnavailable:
-                if stop():
-                    return "back"
-                await asyncio.sleep(0.5)
+        cid = codec.command_id(msg.headers, codec.fallback_id(meta.stream, meta.sequence.stream))
+        if not await _until_sent(lambda: self.bus.dead_letter(msg, kind, reason, cid), stop):
+            return "back"
         await _settle(msg.ack())
         self.metrics.inc("dead_letters_total", kind=kind)
         bound.warning("command_dead_lettered", reason=reason)
@@ -393,9 +454,16 @@ async def _nak_all(lane: Lane, delay: float, settled: Callable[[], None]) -> Non
         settled()
 
 
-def _backoff(msg: Message) -> float:
-    """Seconds before a crashed message (and its flow's later ones) come back."""
-    return float(min(30, 2**msg.metadata.num_delivered))
+async def _until_sent(send: Callable[[], Awaitable[None]], stop: Callable[[], bool]) -> bool:
+    """``send()`` until NATS takes it; False if we stopped first (the message goes back)."""
+    while True:
+        try:
+            await send()
+            return True
+        except BusUnavailable:
+            if stop():
+                return False
+            await asyncio.sleep(0.5)
 
 
 def _any_event(*events: asyncio.Event | None) -> Callable[[], bool]:

@@ -37,6 +37,7 @@ import structlog
 
 from flowd.bus import codec
 from flowd.bus import subjects as names
+from flowd.bus.codec import RESERVED
 from flowd.bus.nats import BusUnavailable, Message, NatsBus
 from flowd.core import door, errors, waits
 from flowd.daemon.health import Metrics
@@ -155,7 +156,7 @@ class WaitEngine:
     async def _fire(self, due: Due) -> None:
         cond, flow_id = due.condition, due.flow_id
         due_at = cond.due_at.isoformat() if cond.due_at else None
-        cid = f"wake:{flow_id}:{due.revision}:{cond.kind}:{due_at}"
+        cid = f"{RESERVED}wake:{flow_id}:{due.revision}:{cond.kind}:{due_at}"
         now = utcnow()
         try:
             if cond.kind == "cancel":
@@ -239,6 +240,10 @@ class WaitEngine:
                 log.warning("wake_stream_failed", error=str(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1)
+            except Exception:  # a bug: the message comes back (max_deliver bounds it)
+                log.exception("wake_stream_crashed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1)
 
     async def on_message(self, msg: Message) -> None:
         """A message on a subject some flow waits on (core NATS)."""
@@ -246,6 +251,8 @@ class WaitEngine:
             await self._deliver_or_dead_letter(msg)
         except (errors.StoreUnavailable, BusUnavailable) as exc:
             log.warning("wake_message_lost", subject=msg.subject, error=str(exc))
+        except errors.FlowError as exc:  # e.g. a value the database refuses
+            log.warning("wake_message_refused", subject=msg.subject, error=str(exc))
 
     async def _deliver_or_dead_letter(self, msg: Message) -> None:
         """Wake the flows ``msg`` is for; a message that cannot wake anyone (refused at the
@@ -279,7 +286,7 @@ class WaitEngine:
         wake = waits.wake("subject", utcnow(), subject=subject, correlation_id=cid, payload=payload)
         try:
             await self.manager.resume(
-                flow_id, {"wake": wake}, cause=wake, command_id=f"msg:{msg_id}:{flow_id}"
+                flow_id, {"wake": wake}, cause=wake, command_id=f"{RESERVED}msg:{msg_id}:{flow_id}"
             )
             self.metrics.inc("wakes_total", cause="subject")
             log.info("flow_woken", flow_id=str(flow_id), cause="subject", subject=subject)

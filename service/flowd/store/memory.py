@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -17,6 +17,7 @@ from flowd.core import errors
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
+from flowd.core.requests import FirstUse, Request, reused
 from flowd.core.status import FlowStatus
 from flowd.core.waits import Signal
 from flowd.store.port import MAX_PAGE, Due
@@ -30,6 +31,7 @@ class InMemoryFlowStore:
         self._events: dict[UUID, list[FlowEvent]] = {}
         self._steps: dict[UUID, dict[str, FlowStep]] = {}
         self._outcomes: dict[str, JsonObject] = {}
+        self._first_uses: dict[str, FirstUse] = {}
         self._outbox: list[OutboxMessage] | None = [] if outbox else None
         self._conditions: dict[UUID, list[list[Any]]] = {}  # [Condition, claimed_until]
         self._signals: dict[int, tuple[Signal, bool]] = {}  # id -> (signal, consumed)
@@ -42,11 +44,13 @@ class InMemoryFlowStore:
     async def get_step(self, flow_id: UUID, run_id: str) -> FlowStep | None:
         return self._steps.get(flow_id, {}).get(run_id)
 
-    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
+    async def commit(
+        self, change: Change, *, command_id: str | None = None, request: Request | None = None
+    ) -> None:
         flow = change.flow
         async with self._lock:
-            if command_id is not None and command_id in self._outcomes:
-                raise errors.DuplicateCommand(command_id, self._outcomes[command_id])
+            if command_id is not None:
+                self._check_new(command_id, request)
             current = self._flows.get(flow.id)
             if change.expected_revision is None:
                 if current is not None:
@@ -70,22 +74,46 @@ class InMemoryFlowStore:
                     True,
                 )
             if command_id is not None:
-                self._outcomes[command_id] = applied_outcome(change)
+                self._record(command_id, applied_outcome(change), flow.id, request)
             if self._outbox is not None:
                 self._outbox.extend(change_messages(change, command_id))
 
+    def _check_new(self, command_id: str, request: Request | None) -> None:
+        if command_id in self._outcomes:
+            first = self._first_uses[command_id]
+            raise reused(command_id, self._outcomes[command_id], first, request)
+
+    def _record(
+        self, command_id: str, outcome: JsonObject, flow_id: UUID | None, request: Request | None
+    ) -> None:
+        self._outcomes[command_id] = outcome
+        self._first_uses[command_id] = FirstUse(
+            None if request is None else request.verb,
+            None if request is None else request.digest,
+            flow_id,
+            datetime.now(UTC),
+        )
+
     async def record_outcome(
-        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+        self,
+        command_id: str,
+        flow_id: UUID | None,
+        token: str,
+        outcome: JsonObject,
+        *,
+        request: Request | None = None,
     ) -> None:
         async with self._lock:
-            if command_id in self._outcomes:
-                raise errors.DuplicateCommand(command_id, self._outcomes[command_id])
-            self._outcomes[command_id] = outcome
+            self._check_new(command_id, request)
+            self._record(command_id, outcome, flow_id, request)
             if self._outbox is not None:
                 self._outbox.append(outcome_message(command_id, token, outcome))
 
     async def get_outcome(self, command_id: str) -> JsonObject | None:
         return self._outcomes.get(command_id)
+
+    async def get_first_use(self, command_id: str) -> FirstUse | None:
+        return self._first_uses.get(command_id)
 
     async def drain_outbox(
         self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256

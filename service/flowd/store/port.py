@@ -16,6 +16,7 @@ from uuid import UUID
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage
+from flowd.core.requests import FirstUse, Request
 from flowd.core.status import FlowStatus
 from flowd.core.waits import Condition, Signal
 
@@ -42,28 +43,42 @@ class FlowStore(Protocol):
         """The step of ``flow_id`` with ``run_id``, or None."""
         ...
 
-    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
+    async def commit(
+        self, change: Change, *, command_id: str | None = None, request: Request | None = None
+    ) -> None:
         """Write ``change`` atomically.
 
         An insert (``expected_revision is None``) raises ``FlowExists`` if the id is taken.
         An update lands only if the row still has ``expected_revision``; otherwise it raises
         ``RevisionMismatch`` (or ``FlowNotFound``) and writes nothing.
-        With ``command_id``, the id is recorded as processed in the same transaction; an id
-        seen before raises ``DuplicateCommand`` and writes nothing. With the outbox on, one
-        outbox message per event is written in the same transaction too.
+        With ``command_id``, the id is recorded as processed in the same transaction, with
+        ``request`` (what the command asked); an id seen before writes nothing and raises
+        ``core.requests.reused``: ``IdempotencyConflict`` if both uses have a request and
+        they differ, else ``DuplicateCommand``. With the outbox on, one outbox message per
+        event is written in the same transaction too.
         """
         ...
 
     async def record_outcome(
-        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+        self,
+        command_id: str,
+        flow_id: UUID | None,
+        token: str,
+        outcome: JsonObject,
+        *,
+        request: Request | None = None,
     ) -> None:
         """Record the outcome of a command that changed no flow (rejected, unchanged) and,
         with the outbox on, queue its ``out.<token>`` message; atomically. A known
-        ``command_id`` raises ``DuplicateCommand``."""
+        ``command_id`` raises as in ``commit``."""
         ...
 
     async def get_outcome(self, command_id: str) -> JsonObject | None:
         """The recorded outcome of a processed command, or None."""
+        ...
+
+    async def get_first_use(self, command_id: str) -> FirstUse | None:
+        """What the record of a processed command says about its first use, or None."""
         ...
 
     async def drain_outbox(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from flowd.core import errors, jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
 from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
+from flowd.core.requests import FirstUse, Request, reused
 from flowd.core.status import FlowStatus, FlowStepStatus, SyncMode
 from flowd.core.waits import Condition, Signal
 from flowd.store import migrate
@@ -81,8 +83,8 @@ WITH upd AS (
            OR NOT EXISTS (SELECT 1 FROM processed_commands WHERE command_id = $3))
     RETURNING id
 ), claim AS (
-    INSERT INTO processed_commands (command_id, flow_id, outcome)
-    SELECT $3, upd.id, $11 FROM upd WHERE $3::text IS NOT NULL
+    INSERT INTO processed_commands (command_id, flow_id, outcome, verb, request_digest)
+    SELECT $3, upd.id, $11, $23::text, $24::text FROM upd WHERE $3::text IS NOT NULL
 ), ev AS (
     INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
     SELECT $12::uuid, $13::uuid, $14::bigint, $15::text, $16::jsonb, $17::timestamptz FROM upd
@@ -105,7 +107,7 @@ COMMIT_STEP: Final = COMMIT_UPDATE.replace(
 ), st AS (
     INSERT INTO flow_steps (id, flow_id, run_id, task, status, child_session_key, result_json,
                             created_at, updated_at)
-    SELECT $23, upd.id, $24, $25, $26, $27, $28, $29, $30 FROM upd
+    SELECT $25, upd.id, $26, $27, $28, $29, $30, $31, $32 FROM upd
     ON CONFLICT (flow_id, run_id) DO UPDATE SET task = EXCLUDED.task,
         status = EXCLUDED.status, child_session_key = EXCLUDED.child_session_key,
         result_json = EXCLUDED.result_json, updated_at = EXCLUDED.updated_at
@@ -123,8 +125,8 @@ WITH ins AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 ), claim AS (
-    INSERT INTO processed_commands (command_id, flow_id, outcome)
-    SELECT $3, ins.id, $2 FROM ins WHERE $3::text IS NOT NULL
+    INSERT INTO processed_commands (command_id, flow_id, outcome, verb, request_digest)
+    SELECT $3, ins.id, $2, $27::text, $28::text FROM ins WHERE $3::text IS NOT NULL
 ), ev AS (
     INSERT INTO flow_events (id, flow_id, revision, kind, payload, at)
     SELECT e.* FROM unnest($17::uuid[], $18::uuid[], $19::bigint[], $20::text[],
@@ -210,9 +212,13 @@ FROM flows WHERE $1::text IS NULL AND (created_at, id) > ($3, $4)
 ORDER BY created_at, id LIMIT $2"""
 # -- idempotency and outbox -------------------------------------------------------------------
 INSERT_PROCESSED: Final = """
-INSERT INTO processed_commands (command_id, flow_id, outcome) VALUES ($1, $2, $3)
+INSERT INTO processed_commands (command_id, flow_id, outcome, verb, request_digest)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (command_id) DO NOTHING"""
 SELECT_OUTCOME: Final = "SELECT outcome FROM processed_commands WHERE command_id = $1"
+SELECT_PROCESSED: Final = """
+SELECT outcome, verb, request_digest, flow_id, created_at FROM processed_commands
+WHERE command_id = $1"""
 INSERT_OUTBOX: Final = """
 INSERT INTO outbox (topic, msg_id, command_id, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[])"""
@@ -295,38 +301,65 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     return None
 
 
-@asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    """Map driver failures to flowd errors, most specific first."""
-    try:
-        yield
-    except (
-        asyncpg.SerializationError,
-        asyncpg.DeadlockDetectedError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.InterfaceError,
+# SQLSTATEs that say "not now" rather than "not this": whatever the message, the same
+# statement can pass later (the connection is back, the database writable again, resources
+# freed, the operator done), so the caller waits and retries (StoreUnavailable). By class:
+# 08 connection exception, 28 invalid authorization, 3D invalid catalog (database gone or
+# renamed), 53 insufficient resources (disk full, out of memory, too many connections),
+# 57 operator intervention (admin shutdown, cannot connect now, query canceled), 58 system
+# error (I/O error). By code: read-only transaction (a standby, or
+# default_transaction_read_only), idle-in-transaction timeout, serialization failure,
+# deadlock, statement completion unknown, lock not available, insufficient privilege (a
+# revoked grant refuses every message alike).
+_UNAVAILABLE_CLASSES: Final = frozenset({"08", "28", "3D", "53", "57", "58"})
+_UNAVAILABLE_CODES: Final = frozenset(
+    {"25006", "25P03", "40001", "40P01", "40003", "55P03", "42501"}
+)
+# SQLSTATE classes that say "not this value": 22 data exception (untranslatable character,
+# numeric value out of range, invalid text representation; asyncpg reports a parameter it
+# cannot encode as 22000 too) and 54 program limit exceeded (a value too large to store).
+# The input is refused (InvalidInput), never retried and never a crash.
+_REFUSED_CLASSES: Final = frozenset({"22", "54"})
+
+
+def classify(exc: BaseException) -> errors.FlowError | None:
+    """The flowd error a driver failure stands for, or None for a bug (left to propagate)."""
+    if isinstance(
+        exc,
+        asyncpg.InterfaceError
         # "cannot switch to state …; another operation is in progress": seen on a pooled
         # connection while PostgreSQL was terminating it (tests/faults, PostgreSQL restart)
-        asyncpg.InternalClientError,
-        ConnectionError,
-        OSError,
-        TimeoutError,
-    ) as exc:
-        raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+        | asyncpg.InternalClientError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return errors.StoreUnavailable(f"database unavailable: {exc}")
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_CODES:
+        return errors.StoreUnavailable(f"database unavailable ({state}): {exc}")
+    if state[:2] in _REFUSED_CLASSES:
+        # The condition's name, not the driver's text (which may quote the value).
+        words = re.sub(r"(?<!^)(?=[A-Z])", " ", type(exc).__name__.removesuffix("Error"))
+        condition = words.lower() if words != "Data" else "data exception"
+        message = f"the database cannot store this input ({condition}, SQLSTATE {state})"
+        return errors.InvalidInput(message, {"_": message})
+    return None
 
 
 @asynccontextmanager
-async def _duplicate_on_conflict(command_id: str | None) -> AsyncIterator[None]:
-    """Two statements claiming one command id at once: the loser's whole statement is
-    rolled back by the unique violation; it is a duplicate (its outcome: the winner's)."""
+async def _translated() -> AsyncIterator[None]:
+    """Map driver failures to flowd errors (``classify``); anything else is a bug and
+    propagates as it is."""
     try:
         yield
-    except asyncpg.UniqueViolationError as exc:
-        if command_id is None or exc.constraint_name != "processed_commands_pkey":
+    except Exception as exc:
+        translated = classify(exc)
+        if translated is None:
             raise
-        raise errors.DuplicateCommand(command_id, None) from exc
+        raise translated from exc
 
 
 class PostgresFlowStore:
@@ -379,7 +412,8 @@ class PostgresFlowStore:
         async with _translated(), self._pool.acquire() as conn:
             await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
             try:
-                await conn.execute(CREATE_MIGRATIONS_TABLE)
+                if not await conn.fetchval(TABLE_EXISTS):  # (no write when there is one:
+                    await conn.execute(CREATE_MIGRATIONS_TABLE)  # a read-only database starts)
                 applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
                 for m in migrate.pending(migrations, applied):
                     try:
@@ -387,6 +421,8 @@ class PostgresFlowStore:
                             await conn.execute(m.sql)
                             await conn.execute(RECORD_MIGRATION, m.version, m.name, m.checksum)
                     except asyncpg.PostgresError as exc:
+                        if isinstance(classify(exc), errors.StoreUnavailable):
+                            raise  # not this migration's fault: _translated, wait and retry
                         raise migrate.MigrationError(
                             f"migration {m.version:04d}_{m.name} failed: {exc}"
                         ) from exc
@@ -415,10 +451,12 @@ class PostgresFlowStore:
             row = await self._pool.fetchrow(SELECT_STEP, flow_id, run_id)
         return None if row is None else _step(row)
 
-    async def commit(self, change: Change, *, command_id: str | None = None) -> None:
+    async def commit(
+        self, change: Change, *, command_id: str | None = None, request: Request | None = None
+    ) -> None:
         if change.signal is None and change.consumed_signal is None:
             if change.expected_revision is None and change.step is None:
-                await self._commit_insert(change, command_id)
+                await self._commit_insert(change, command_id, request)
                 return
             if (
                 change.expected_revision is not None
@@ -426,9 +464,33 @@ class PostgresFlowStore:
                 and len(change.events) == 1
             ):
                 # conditions None (untouched) or () (cleared); maybe a step
-                await self._commit_update(change, command_id)
+                await self._commit_update(change, command_id, request)
                 return
-        await self._commit_tx(change, command_id)
+        await self._commit_tx(change, command_id, request)
+
+    @asynccontextmanager
+    async def _first_claim(
+        self, command_id: str | None, request: Request | None
+    ) -> AsyncIterator[None]:
+        """Two statements claiming one command id at once: the loser's whole statement is
+        rolled back by the unique violation; it is a reuse of the winner's id."""
+        try:
+            yield
+        except asyncpg.UniqueViolationError as exc:
+            if command_id is None or exc.constraint_name != "processed_commands_pkey":
+                raise
+            raise await self._reused(self._pool, command_id, request) from exc
+
+    @staticmethod
+    async def _reused(
+        conn: _Conn | asyncpg.Pool[Any], command_id: str, request: Request | None
+    ) -> errors.FlowError:
+        """What a command whose id is recorded gets (``core.requests.reused``)."""
+        row = await conn.fetchrow(SELECT_PROCESSED, command_id)
+        if row is None:  # pruned meanwhile: nothing to compare with
+            return errors.DuplicateCommand(command_id, None)
+        first = FirstUse(row["verb"], row["request_digest"], row["flow_id"], row["created_at"])
+        return reused(command_id, row["outcome"], first, request)
 
     def _event_and_outbox_args(
         self, change: Change, command_id: str | None
@@ -456,7 +518,9 @@ class PostgresFlowStore:
             [m.text() for m in msgs],
         ]
 
-    async def _commit_update(self, change: Change, command_id: str | None) -> None:
+    async def _commit_update(
+        self, change: Change, command_id: str | None, request: Request | None
+    ) -> None:
         f, expected = change.flow, change.expected_revision
         assert expected is not None
         step: list[Any] = []
@@ -474,7 +538,7 @@ class PostgresFlowStore:
         statement = self._steps if step else self._updates
         scalar, event_args = self._event_and_outbox_args(change, command_id)
         assert scalar, "commit() routes changes of several events to _commit_tx"
-        async with _translated(), _duplicate_on_conflict(command_id):
+        async with _translated(), self._first_claim(command_id, request):
             row = await statement.fetchrow(
                 f.id,
                 expected,
@@ -489,20 +553,23 @@ class PostgresFlowStore:
                 applied_outcome(change),
                 *event_args,
                 change.conditions == (),
+                *_request_args(request),
                 *step,
             )
-        if await self._written(row, command_id):
+        if await self._written(row, command_id, request):
             return
         assert row is not None
         if row["seen"] is None:
             raise errors.FlowNotFound(f.id)
         raise errors.RevisionMismatch(f.id, expected, row["seen"])
 
-    async def _commit_insert(self, change: Change, command_id: str | None) -> None:
+    async def _commit_insert(
+        self, change: Change, command_id: str | None, request: Request | None
+    ) -> None:
         f = change.flow
         scalar, event_args = self._event_and_outbox_args(change, command_id)
         inserts = self._inserts if scalar else self._inserts_many
-        async with _translated(), _duplicate_on_conflict(command_id):
+        async with _translated(), self._first_claim(command_id, request):
             row = await inserts.fetchrow(
                 f.id,
                 applied_outcome(change),
@@ -521,26 +588,33 @@ class PostgresFlowStore:
                 f.created_at,
                 f.updated_at,
                 *event_args,
+                *_request_args(request),
             )
-        if not await self._written(row, command_id):
+        if not await self._written(row, command_id, request):
             raise errors.FlowExists(f.id)
 
-    async def _written(self, row: Mapping[str, Any] | None, command_id: str | None) -> bool:
-        """Whether a one-statement commit wrote; raises DuplicateCommand for a known id."""
+    async def _written(
+        self, row: Mapping[str, Any] | None, command_id: str | None, request: Request | None
+    ) -> bool:
+        """Whether a one-statement commit wrote; raises DuplicateCommand (or
+        IdempotencyConflict) for a known id."""
         assert row is not None
         if row["written"]:
             return True
         if row["duplicate"]:
             assert command_id is not None
-            raise errors.DuplicateCommand(command_id, await self.get_outcome(command_id))
+            async with _translated():
+                raise await self._reused(self._pool, command_id, request)
         return False
 
-    async def _commit_tx(self, change: Change, command_id: str | None) -> None:
+    async def _commit_tx(
+        self, change: Change, command_id: str | None, request: Request | None
+    ) -> None:
         """The general path: several statements in one explicit transaction."""
         f = change.flow
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
             if command_id is not None:
-                await self._claim(conn, command_id, f.id, applied_outcome(change))
+                await self._claim(conn, command_id, f.id, applied_outcome(change), request)
             assert change.expected_revision is not None  # creates take _commit_insert
             status = await conn.execute(
                 UPDATE_FLOW,
@@ -608,13 +682,18 @@ class PostgresFlowStore:
             await conn.execute(CONSUME_SIGNAL, change.consumed_signal, f.updated_at)
 
     async def _claim(
-        self, conn: _Conn, command_id: str, flow_id: UUID | None, outcome: Any
+        self,
+        conn: _Conn,
+        command_id: str,
+        flow_id: UUID | None,
+        outcome: Any,
+        request: Request | None,
     ) -> None:
         # A concurrent holder of the same id blocks this insert until it commits or rolls
         # back, so exactly one transaction records (and applies) a command.
-        if await conn.execute(INSERT_PROCESSED, command_id, flow_id, outcome) == "INSERT 0 0":
-            stored = await conn.fetchval(SELECT_OUTCOME, command_id)
-            raise errors.DuplicateCommand(command_id, stored)
+        args = (command_id, flow_id, outcome, *_request_args(request))
+        if await conn.execute(INSERT_PROCESSED, *args) == "INSERT 0 0":
+            raise await self._reused(conn, command_id, request)
 
     @staticmethod
     async def _queue(conn: _Conn, messages: list[OutboxMessage]) -> None:
@@ -627,10 +706,16 @@ class PostgresFlowStore:
         )
 
     async def record_outcome(
-        self, command_id: str, flow_id: UUID | None, token: str, outcome: JsonObject
+        self,
+        command_id: str,
+        flow_id: UUID | None,
+        token: str,
+        outcome: JsonObject,
+        *,
+        request: Request | None = None,
     ) -> None:
         async with _translated(), self._pool.acquire() as conn, conn.transaction():
-            await self._claim(conn, command_id, flow_id, outcome)
+            await self._claim(conn, command_id, flow_id, outcome, request)
             if self._outbox:
                 await self._queue(conn, [outcome_message(command_id, token, outcome)])
 
@@ -638,6 +723,13 @@ class PostgresFlowStore:
         async with _translated():
             outcome: JsonObject | None = await self._pool.fetchval(SELECT_OUTCOME, command_id)
         return outcome
+
+    async def get_first_use(self, command_id: str) -> FirstUse | None:
+        async with _translated():
+            row = await self._pool.fetchrow(SELECT_PROCESSED, command_id)
+        if row is None:
+            return None
+        return FirstUse(row["verb"], row["request_digest"], row["flow_id"], row["created_at"])
 
     async def drain_outbox(
         self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
@@ -751,6 +843,11 @@ def _aware(at: datetime | None) -> datetime | None:
     """asyncpg reads -infinity and infinity as naive datetime.min / datetime.max (a due time
     year 1 became -infinity before waits refused it): as UTC, they compare with the rest."""
     return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
+
+
+def _request_args(request: Request | None) -> tuple[str | None, str | None]:
+    """The verb and digest columns of a processed-command record."""
+    return (None, None) if request is None else (request.verb, request.digest)
 
 
 def _flow(row: Mapping[str, Any]) -> Flow:

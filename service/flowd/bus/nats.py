@@ -10,7 +10,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +53,24 @@ RESYNC_ROUNDS = 3
 
 class BusUnavailable(Exception):
     """NATS could not be reached or did not answer in time; retry later."""
+
+
+#: nats-py's header block: ``NATS/1.0\r\n``, ``key: value\r\n`` per header, ``\r\n``.
+_HEADER_LINE = len(b"NATS/1.0\r\n\r\n")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def wire_size(headers: Mapping[str, str] | None, payload: int) -> int:
+    """The bytes nats-server counts against its ``max_payload`` for a message with
+    ``headers`` and a body of ``payload`` bytes: the header block as nats-py writes it, plus
+    the body. (nats-py itself checks the body alone; a message whose headers push it over the
+    limit is sent, and the server then closes the connection.)"""
+    if not headers:
+        return payload
+    size = _HEADER_LINE
+    for key, value in headers.items():
+        size += len(key.strip()) + len(value.strip().translate(_NEWLINES).encode()) + 4
+    return size + payload
 
 
 @contextlib.asynccontextmanager
@@ -271,8 +289,15 @@ class NatsBus:
             names.DLQ_STREAM_SEQ: str(meta.sequence.stream),
             names.DLQ_DELIVERED: str(meta.num_delivered),
         }
+        await self.publish_letter(self.subjects.dead_letter(source), msg.data or b"", headers)
+
+    async def publish_letter(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """JetStream-publish a dead letter: a copy of ``data`` with ``headers``, cut so that
+        the whole message fits the server's ``max_payload`` (then ``Flowd-Dlq-Truncated``
+        says the original size). Too big, it would make the server close the connection."""
+        data, headers = fitted(data, headers, int(self.nc.max_payload))
         async with _translated():
-            await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
+            await self.js.publish(subject, data, headers=headers)
 
     async def nudge_relay(self) -> None:
         """Tell the replica holding the relay lock that this one committed outbox rows."""
@@ -317,6 +342,16 @@ class NatsBus:
         except Exception:  # a drain that cannot finish must not keep the process alive
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+
+def fitted(data: bytes, headers: dict[str, str], limit: int) -> tuple[bytes, dict[str, str]]:
+    """``data`` and ``headers``, the body cut (and ``Flowd-Dlq-Truncated: <original size>``
+    added) if the message would not fit ``limit`` bytes, headers included."""
+    if wire_size(headers, len(data)) <= limit:
+        return data, headers
+    cut = {**headers, names.DLQ_TRUNCATED: str(len(data))}
+    room = max(limit - wire_size(cut, 0), 0)
+    return data[:room], cut
 
 
 @dataclass(slots=True)

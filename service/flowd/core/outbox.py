@@ -9,12 +9,28 @@ Stores write these rows in the mutation's transaction; the relay publishes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from flowd.core import jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, JsonObject
+
+#: Bytes of an event besides its flow's state and the (at most two) bodies it carries: the goal
+#: (10,000 characters, up to 6 bytes each JSON-escaped), eight short strings of up to 200
+#: characters (controller, owner, origin, step, command id, next step, signal name, run id),
+#: ids, timestamps, numbers, keys, and the NATS headers.
+EVENT_OVERHEAD: Final = 72 * 1024
+
+
+def largest_event_bytes(max_state: int, max_payload: int) -> int:
+    """An upper bound of an event message's size (body and headers) with states of at most
+    ``max_state`` bytes and command bodies of at most ``max_payload``: the snapshot's state,
+    plus two copies of a body or of what it merges into the state (``waiting``: the wait in
+    the payload and in the snapshot's ``wait_json``; ``resumed``: its patch and its cause,
+    a wake that is also merged into the state; ``state_updated`` / ``finished``: the patch),
+    plus ``EVENT_OVERHEAD``."""
+    return max_state + 2 * max(max_state, max_payload) + EVENT_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)

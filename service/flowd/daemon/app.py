@@ -139,7 +139,9 @@ class Daemon:
             if engine is not None and change is not None and change.conditions is not None:
                 engine.waits_changed()
 
-        manager = FlowManager(store, cache_size=s.flow_cache, on_commit=committed)
+        manager = FlowManager(
+            store, cache_size=s.flow_cache, on_commit=committed, max_state_bytes=s.max_state_bytes
+        )
         engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
         dispatcher = Dispatcher(
             manager,

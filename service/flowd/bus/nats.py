@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import nats
 import nats.errors
@@ -27,7 +28,7 @@ from flowd.aio import Wakeup
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
 from flowd.core import jsontext
-from flowd.core.outbox import OutboxMessage
+from flowd.core.outbox import Drained, OutboxMessage
 
 Message = Msg
 log = structlog.get_logger("flowd.bus")
@@ -58,6 +59,8 @@ class BusUnavailable(Exception):
 #: nats-py's header block: ``NATS/1.0\r\n``, ``key: value\r\n`` per header, ``\r\n``.
 _HEADER_LINE = len(b"NATS/1.0\r\n\r\n")
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: A subject NATS cannot publish to: empty tokens, wildcards, whitespace, control characters.
+_BAD_SUBJECT = re.compile(r"^\.|\.\.|\.$|^$|(^|\.)[*>](\.|$)|[\s\x00-\x1f\x7f]")
 
 
 def wire_size(headers: Mapping[str, str] | None, payload: int) -> int:
@@ -139,6 +142,7 @@ class NatsBus:
         self._subs: dict[str, _Pull] = {}
         self._streams: dict[str, str] = {}
         self._acks: _Acks | None = None
+        self._evt_max_msg = -1  # the events stream's max_msg_size, as last read
 
     @property
     def connected(self) -> bool:
@@ -193,9 +197,11 @@ class NatsBus:
         async with _translated():
             for config in streams:
                 try:
-                    await self.js.add_stream(config)
+                    info = await self.js.add_stream(config)
                 except nats.js.errors.BadRequestError:
-                    await self.js.update_stream(config)
+                    info = await self.js.update_stream(config)
+                if config.name == s.evt_stream:
+                    self._evt_max_msg = int(info.config.max_msg_size or -1)
             consumers: list[tuple[str, str, str | None, Gaps]] = [
                 (s.wake_stream, s.wake_consumer, None, "ignore")
             ]
@@ -258,26 +264,102 @@ class NatsBus:
             info = await self.js.consumer_info(self._streams[durable], durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
-    async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
-        """Publish ``batch`` in order, pipelined, and return once JetStream acked all (else
-        BusUnavailable: nothing is known about which landed; a re-send is dropped by id)."""
+    def publish_limit(self) -> int:
+        """The largest message, headers and body, that the server (its ``max_payload``) and
+        the events stream (its ``max_msg_size``, as last read) take."""
+        limit = int(self.nc.max_payload)
+        return min(limit, self._evt_max_msg) if self._evt_max_msg > 0 else limit
+
+    async def publish_outbox(
+        self, batch: Sequence[OutboxMessage], *, skip: Collection[int] = ()
+    ) -> Drained:
+        """Publish ``batch`` in order, pipelined, except the rows at the indexes in ``skip``,
+        and return once JetStream acked all. A message that can never be published (too big
+        for ``publish_limit``, a subject NATS refuses, a size the stream refuses) is not sent
+        again: it is returned to be parked, and the later messages of its flow in the batch
+        are kept back. Any other failure raises BusUnavailable: nothing is known about which
+        landed, and a re-send is dropped by id."""
+        limit = self.publish_limit()
+        refreshed = False
+        parked: dict[int, str] = {}
+        kept: set[int] = set()
+        blocked: set[str] = set()
+        out: list[tuple[int, str, bytes, dict[str, str]]] = []
+        for i, m in enumerate(batch):
+            if i in skip:
+                continue
+            if blocked and m.flow_key in blocked:
+                kept.add(i)
+                continue
+            headers = {names.MSG_ID: m.msg_id}
+            if m.command_id is not None:
+                headers[names.COMMAND_ID] = m.command_id
+            subject = self.subjects.topic(m.topic)
+            body = m.text().encode()
+            size = wire_size(headers, len(body))
+            if size > limit and not refreshed and size <= self.nc.max_payload:
+                # Over the stream's limit as last read: read it again (raised since?).
+                refreshed = await self._refresh_limit()
+                limit = self.publish_limit()
+            if _BAD_SUBJECT.search(subject):
+                parked[i] = f"NATS refuses the subject {subject!r}"
+            elif size > limit:
+                parked[i] = f"message of {size} bytes exceeds the {limit} byte limit of NATS"
+            else:
+                out.append((i, subject, body, headers))
+                continue
+            blocked.add(m.flow_key)
+        if out:
+            refused = await self._publish_pipelined(out)
+            if refused:
+                await self._refresh_limit()  # a stream limit lowered since it was read
+            parked.update(refused)
+        return Drained(parked, frozenset(kept))
+
+    async def _publish_pipelined(
+        self, out: list[tuple[int, str, bytes, dict[str, str]]]
+    ) -> dict[int, str]:
+        """Send ``out`` (batch index, subject, body, headers) and wait for every ack; the
+        batch indexes JetStream refused for good, with why."""
         async with _translated():
             if self._acks is None:
                 self._acks = await _Acks(self.nc).start()
-            waiting = self._acks.expect(len(batch))
+            waiting = self._acks.expect(len(out))
             try:
-                for m, reply in zip(batch, waiting.replies, strict=True):
-                    headers = {names.MSG_ID: m.msg_id}
-                    if m.command_id is not None:
-                        headers[names.COMMAND_ID] = m.command_id
-                    body = m.text().encode()
-                    await self.nc.publish(self.subjects.topic(m.topic), body, reply, headers)
+                for (_, subject, body, headers), reply in zip(out, waiting.replies, strict=True):
+                    await self.nc.publish(subject, body, reply, headers)
                 async with asyncio.timeout(10):
                     await waiting.done
             finally:
                 self._acks.forget(waiting)
             if waiting.error is not None:
                 raise BusUnavailable(f"JetStream refused an event: {waiting.error}")
+        return {out[n][0]: why for n, why in waiting.refused.items()}
+
+    async def _refresh_limit(self) -> bool:
+        """Read the events stream's ``max_msg_size`` again (True), if NATS answers."""
+        try:
+            info = await self.js.stream_info(self.subjects.evt_stream)
+        except (nats.errors.Error, OSError, TimeoutError):
+            return False
+        self._evt_max_msg = int(info.config.max_msg_size or -1)
+        return True
+
+    async def stored_ids(self, subjects: Collection[str]) -> dict[str, str]:
+        """The ``Nats-Msg-Id`` of the last message the events stream holds on each of
+        ``subjects`` (full subjects), for those that have one."""
+
+        async def last(subject: str) -> tuple[str, str | None]:
+            try:
+                msg = await self.js.get_last_msg(self.subjects.evt_stream, subject)
+            except nats.js.errors.NotFoundError:
+                return subject, None
+            return subject, (msg.headers or {}).get(names.MSG_ID)
+
+        asked = [s for s in subjects if not _BAD_SUBJECT.search(s)]
+        async with _translated():
+            found = await asyncio.gather(*(last(s) for s in asked))
+        return {subject: msg_id for subject, msg_id in found if msg_id is not None}
 
     async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
         """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it."""
@@ -354,6 +436,11 @@ def fitted(data: bytes, headers: dict[str, str], limit: int) -> tuple[bytes, dic
     return data[:room], cut
 
 
+#: JetStream publish errors that the same message gets again however often it is sent: the
+#: message (10054) or its headers (10097) exceed what the stream takes.
+PERMANENT_PUBLISH_ERRORS: Final = frozenset({10054, 10097})
+
+
 @dataclass(slots=True)
 class _Waiting:
     """One batch of publishes whose acks are awaited (``_Acks``)."""
@@ -361,7 +448,8 @@ class _Waiting:
     replies: list[str]
     done: asyncio.Future[None]
     left: int
-    error: str | None = None
+    error: str | None = None  # a refusal that may pass later (the batch fails)
+    refused: dict[int, str] = field(default_factory=dict)  # index -> a refusal for good
 
 
 class _Acks:
@@ -374,7 +462,7 @@ class _Acks:
         self._nc = nc
         self._prefix = nc.new_inbox()
         self._next = 0
-        self._batches: dict[str, _Waiting] = {}  # reply subject -> its batch
+        self._batches: dict[str, tuple[_Waiting, int]] = {}  # reply -> (its batch, index)
 
     async def start(self) -> _Acks:
         await self._nc.subscribe(f"{self._prefix}.*", cb=self._ack)
@@ -384,8 +472,8 @@ class _Acks:
         first, self._next = self._next, self._next + count
         replies = [f"{self._prefix}.{n}" for n in range(first, first + count)]
         waiting = _Waiting(replies, asyncio.get_running_loop().create_future(), count)
-        for reply in replies:
-            self._batches[reply] = waiting
+        for n, reply in enumerate(replies):
+            self._batches[reply] = (waiting, n)
         if not count:
             waiting.done.set_result(None)
         return waiting
@@ -395,14 +483,18 @@ class _Acks:
             self._batches.pop(reply, None)
 
     async def _ack(self, msg: Msg) -> None:
-        waiting = self._batches.pop(msg.subject, None)
+        waiting, n = self._batches.pop(msg.subject, (None, 0))
         if waiting is None:
             return  # the batch gave up (timed out) already
         if msg.headers and msg.headers.get(api.Header.STATUS):  # 503: no stream listens
             waiting.error = waiting.error or f"status {msg.headers.get(api.Header.STATUS)}"
         elif b'"error"' in msg.data:
             error = jsontext.loads(msg.data).get("error", {})
-            waiting.error = waiting.error or f"{error.get('code')} {error.get('description')}"
+            why = f"{error.get('code')} {error.get('description')} ({error.get('err_code')})"
+            if error.get("err_code") in PERMANENT_PUBLISH_ERRORS:
+                waiting.refused[n] = f"JetStream refused it: {why}"
+            else:
+                waiting.error = waiting.error or why
         waiting.left -= 1
         if not waiting.left and not waiting.done.done():
             waiting.done.set_result(None)

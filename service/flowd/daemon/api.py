@@ -56,6 +56,32 @@ class OutcomeRequest(_Req):
     command_id: str = Field(strict=True, min_length=1, max_length=codec.MAX_ID_LENGTH)
 
 
+class ParkedListRequest(_Req):
+    limit: int = Field(default=1000, strict=True, ge=1, le=1000)
+
+
+class ParkedRetryRequest(_Req):
+    id: int = Field(strict=True, ge=1)
+
+
+class ParkedSkipRequest(_Req):
+    id: int = Field(strict=True, ge=1)
+    reason: str = Field(strict=True, min_length=1, max_length=1000)
+
+
+class NotParked(errors.FlowError):
+    """No parked outbox row has this id."""
+
+    code = "not_found"
+
+    def __init__(self, row_id: int) -> None:
+        self.row_id = row_id
+        super().__init__(f"no parked outbox row {row_id}")
+
+    def details(self) -> dict[str, Any]:
+        return {"id": self.row_id}
+
+
 class Api:
     """Serves ``<prefix>.api.>``."""
 
@@ -119,7 +145,52 @@ class Api:
         if op == "outcome":
             oc = _valid(OutcomeRequest, data)
             return {"outcome": await self.manager.store.get_outcome(oc.command_id)}
+        if op == "outbox" and len(tokens) == 2:
+            return await self._outbox(tokens[1], data)
         raise errors.InvalidInput(f"unknown API operation {'.'.join(tokens)!r}")
+
+    async def _outbox(self, action: str, data: object) -> Any:
+        """Parked outbox rows: ``list``, ``retry`` (un-park: the relay tries it again),
+        ``skip`` (copy it to ``P.dlq.evt`` with the reason, then remove it)."""
+        store = self.manager.store
+        if action == "list":
+            rows = await store.outbox_parked(limit=_valid(ParkedListRequest, data).limit)
+            return {"parked": [r.summary() for r in rows]}
+        if action == "retry":
+            retry = _valid(ParkedRetryRequest, data)
+            row = await store.outbox_parked_row(retry.id)
+            if row is None or not await store.outbox_unpark(retry.id):
+                raise NotParked(retry.id)
+            log.warning("outbox_row_retried", row=row.row_id, topic=row.topic, msg_id=row.msg_id)
+            await self.bus.nudge_relay()  # whichever replica holds the relay tries it now
+            return {"retried": row.summary()}
+        if action == "skip":
+            skip = _valid(ParkedSkipRequest, data)
+            row = await store.outbox_parked_row(skip.id)
+            if row is None or row.body is None:
+                raise NotParked(skip.id)
+            subject = self.bus.subjects.topic(row.topic)
+            headers = {
+                names.MSG_ID: f"dlq-evt-{row.msg_id}",
+                names.DLQ_REASON: f"{skip.reason} (parked: {row.reason})"[:1000],
+                names.DLQ_SUBJECT: subject,
+            }
+            if row.command_id is not None:
+                headers[names.COMMAND_ID] = row.command_id
+            letter = self.bus.subjects.dead_letter("evt")
+            await self.bus.publish_letter(letter, row.body.encode(), headers)
+            if not await store.outbox_remove_parked(skip.id):
+                raise NotParked(skip.id)  # retried meanwhile: the relay has it again
+            log.warning(
+                "outbox_row_skipped",
+                row=row.row_id,
+                topic=row.topic,
+                msg_id=row.msg_id,
+                reason=skip.reason,
+            )
+            await self.bus.nudge_relay()  # its flow's later rows may go now
+            return {"skipped": row.summary(), "dead_letter": letter}
+        raise errors.InvalidInput(f"unknown API operation 'outbox.{action}'")
 
     async def _mutate(self, kind: str, tokens: list[str], msg: Message) -> Any:
         fallback = f"api-{uuid.uuid4().hex}"

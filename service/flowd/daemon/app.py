@@ -25,7 +25,7 @@ from flowd.core import errors
 from flowd.core.apply import Change
 from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
-from flowd.daemon.health import Metrics, serve_http
+from flowd.daemon.health import Metrics, Readiness, serve_http
 from flowd.daemon.partitions import PartitionOwner
 from flowd.daemon.relay import OutboxRelay
 from flowd.daemon.waits import WaitEngine
@@ -47,7 +47,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
         self._database_url = ""
-        self._ready: Callable[[], Awaitable[str | None]] | None = None
+        self._ready: Readiness | None = None
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -83,8 +83,8 @@ class Daemon:
                 http.close()
                 await http.wait_closed()
 
-    async def _readiness(self) -> str | None:
-        return await self._ready() if self._ready is not None else "starting"
+    async def _readiness(self) -> tuple[str | None, str]:
+        return await self._ready() if self._ready is not None else ("starting", "")
 
     async def _serve_daemon(self, drain: bool) -> int:
         s = self.settings
@@ -156,14 +156,17 @@ class Daemon:
         await api.start()
         await relay.start()
 
-        async def ready() -> str | None:
+        async def ready() -> tuple[str | None, str]:
+            # Parked rows hold back their flows' events only: the daemon serves every other
+            # flow, so it stays ready, and says how many (also a gauge and a log line).
             try:
-                await store.ping()
+                parked = await store.outbox_parked_count()  # (also: PostgreSQL answers)
             except errors.StoreUnavailable as exc:
-                return f"postgres: {exc}"
-            return None if bus.connected else "nats: disconnected"
+                return f"postgres: {exc}", ""
+            return None if bus.connected else "nats: disconnected", f"outbox_parked: {parked}"
 
         m.gauges["outbox_backlog"] = lambda: _float(store.outbox_backlog())
+        m.gauges["outbox_parked"] = lambda: _float(store.outbox_parked_count())
         m.gauges["commands_pending"] = lambda: self._lag(bus, "cmd")
         m.gauges["observations_pending"] = lambda: self._lag(bus, "obs")
         self._ready = ready

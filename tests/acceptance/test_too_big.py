@@ -1,15 +1,20 @@
 """What NATS cannot carry never takes the daemon down: a dead letter of a body near the
-server's max_payload is cut to fit (issue 16, defect 1)."""
+server's max_payload is cut to fit (issue 16, defect 1), and flowd refuses to start when the
+largest event its settings allow would not fit the server's max_payload."""
 
 from __future__ import annotations
 
 import asyncio
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from flowd.bus.subjects import DLQ_REASON, DLQ_SUBJECT, DLQ_TRUNCATED
+from flowd.core.outbox import EVENT_OVERHEAD
+from flowd.embedded import EmbeddedNats
 from tests.support.daemon import DaemonProcess, Wire
 
 pytestmark = [pytest.mark.nats, pytest.mark.postgres]
@@ -46,3 +51,46 @@ async def _events_of(w: Wire, flow_id: uuid.UUID) -> list[dict[str, object]]:
 def _status(url: str) -> int:
     with urllib.request.urlopen(url, timeout=5) as r:
         return int(r.status)
+
+
+@pytest.fixture
+def small_nats(tmp_path: Path) -> Iterator[str]:
+    """A nats-server of its own whose max_payload is 256 KiB (a quarter of the default)."""
+    config = tmp_path / "small.conf"
+    config.write_text(f"max_payload: {SMALL}\n")
+    server = EmbeddedNats(tmp_path / "small-nats", cluster=["-c", str(config)])
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+SMALL = 262_144
+
+
+def test_flowd_refuses_to_start_when_its_largest_event_would_not_fit(
+    small_nats: str, database_url: str, prefix: str, tmp_path: Path
+) -> None:
+    d = DaemonProcess(small_nats, database_url, prefix, tmp_path).start()
+    assert d.proc is not None
+    assert d.proc.wait(60) == 1
+    [line] = [e for e in d.log_events() if e.get("event") == "payload_limits_do_not_fit"]
+    largest = 262_144 + 2 * 262_144 + EVENT_OVERHEAD
+    assert line["level"] == "error"
+    assert f"largest event flowd can publish is {largest} bytes" in line["error"]
+    assert f"the server's max_payload {SMALL}" in line["error"]
+    for setting in ("FLOWD_MAX_STATE_BYTES", "FLOWD_MAX_PAYLOAD"):
+        assert setting in line["error"]
+
+
+def test_flowd_starts_when_its_limits_fit_the_server(
+    small_nats: str, database_url: str, prefix: str, tmp_path: Path
+) -> None:
+    env = {"FLOWD_MAX_STATE_BYTES": "32768", "FLOWD_MAX_PAYLOAD": "32768"}
+    d = DaemonProcess(small_nats, database_url, prefix, tmp_path, **env).start()
+    try:
+        d.wait_ready()
+        assert 32_768 * 3 + EVENT_OVERHEAD <= SMALL
+    finally:
+        assert d.stop() == 0

@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         "--max-state-bytes",
         type=int,
         help="largest state_json of a flow, serialized; a write beyond it is rejected "
-        "invalid_input / state_too_large (default 262144) [FLOWD_MAX_STATE_BYTES]",
+        "invalid_input / state_too_large (default 262144); flowd refuses to start if "
+        "its largest event would not fit the NATS server's max_payload "
+        "[FLOWD_MAX_STATE_BYTES]",
     )
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="[FLOWD_LOG_FORMAT]")
     run.add_argument(

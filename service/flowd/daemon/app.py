@@ -23,6 +23,7 @@ from flowd.bus.subjects import Subjects
 from flowd.config import Settings
 from flowd.core import errors
 from flowd.core.apply import Change
+from flowd.core.outbox import EVENT_OVERHEAD, largest_event_bytes
 from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
 from flowd.daemon.health import Metrics, Readiness, serve_http
@@ -121,6 +122,9 @@ class Daemon:
             try:
                 if await self._retry("streams", bus.ensure) is None:
                     return 0
+                if (too_big := self._too_big(bus)) is not None:
+                    log.error("payload_limits_do_not_fit", error=too_big)
+                    return 1
                 await self._run_loops(store, bus, drain)
             finally:
                 await bus.close()
@@ -275,6 +279,23 @@ class Daemon:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def _too_big(self, bus: NatsBus) -> str | None:
+        """Why the largest event flowd can make would not fit what NATS takes, or None.
+        (Dead letters need no check: they are cut to fit, NatsBus.publish_letter.)"""
+        s = self.settings
+        largest = largest_event_bytes(s.max_state_bytes, s.max_payload)
+        limit = bus.publish_limit()
+        if largest <= limit:
+            return None
+        return (
+            f"the largest event flowd can publish is {largest} bytes (FLOWD_MAX_STATE_BYTES "
+            f"{s.max_state_bytes} + 2 x max(FLOWD_MAX_PAYLOAD {s.max_payload}, "
+            f"FLOWD_MAX_STATE_BYTES) + {EVENT_OVERHEAD} for other fields and headers), over "
+            f"the {limit} bytes NATS takes (the server's max_payload {bus.nc.max_payload}, or "
+            "the events stream's max_msg_size): lower FLOWD_MAX_STATE_BYTES or "
+            "FLOWD_MAX_PAYLOAD, or raise the server's max_payload"
+        )
 
     def _limits(self) -> StreamLimits:
         s = self.settings

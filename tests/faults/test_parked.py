@@ -44,6 +44,9 @@ async def test_a_parked_row_survives_kill_9(
     await asyncio.sleep(1)  # time enough for a blocked event to leak out, were it free
     assert [e["revision"] for e in await events_of(w, stuck)] == [0, 1]
     assert "outbox_parked: 1" in await asyncio.to_thread(_readyz, daemon)
+    # A parked row does not hold up a clean stop: the rest is flushed, exit 0.
+    assert await asyncio.to_thread(daemon.stop) == 0
+    assert "outbox_flush_incomplete" not in {e.get("event") for e in daemon.log_events()}
 
 
 async def _applied(daemon: DaemonProcess, command_id: str) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from flowd import FlowManager
 from flowd.bus.nats import NatsBus, StreamLimits, connect
 from flowd.bus.subjects import MSG_ID, Subjects
+from flowd.core.outbox import OutboxMessage
 from flowd.daemon.health import Metrics
 from flowd.daemon.relay import OutboxRelay
 from flowd.store.postgres import PostgresFlowStore
@@ -136,3 +137,26 @@ async def test_a_certain_relay_asks_jetstream_nothing(database_url: str, bus: Na
         await store.close()
     assert asked == [1]
     assert len(await stored_ids(bus)) == 3
+
+
+async def test_an_outcome_subject_shared_by_commands_loses_nothing(
+    database_url: str, bus: NatsBus
+) -> None:
+    """``out.create`` carries the outcomes of many commands applied at once, so its rows may
+    commit out of id order: the later row stored does not mean the earlier one was."""
+    store = await PostgresFlowStore.connect(database_url, outbox=True)
+    rejected = {"status": "rejected", "code": "invalid_input"}
+    await store.record_outcome("c-early", None, "create", rejected)  # committed late...
+    await store.record_outcome("c-late", None, "create", rejected)
+    await store.close()
+    [_early, late] = await outbox_rows(database_url)
+    assert late["msg_id"] == "out-c-late"
+    # ...so the relay published the later one first, and its delete was lost.
+    await bus.publish_outbox([OutboxMessage(late["topic"], late["msg_id"], None, late["body"])])
+    await asyncio.sleep(WINDOW + 1.5)
+
+    metrics = await relay_round(database_url, bus, 256)
+    assert await outbox_rows(database_url) == []
+    assert sorted(await stored_ids(bus)) == ["out-c-early", "out-c-late"]
+    assert metrics.value("outbox_already_stored_total") == 1
+    assert metrics.value("outbox_published_total") == 1

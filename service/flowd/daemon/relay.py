@@ -24,8 +24,10 @@ JetStream, before publishing a batch, for the last message stored on each subjec
 batch. A subject's rows are published in outbox order and deleted only once acked, so of
 the rows still in the outbox for one subject the stored ones come first: every row up to
 the one whose ``Nats-Msg-Id`` is the last stored message's is deleted unsent (and if that
-id is a row beyond this batch, all of this batch's rows of that subject are). It stays
-uncertain until a checked batch holds no stored row; a certain relay asks nothing.
+id is a row beyond this batch, all of this batch's rows of that subject are). That holds for
+events (``_in_commit_order``); on an outcome subject only the named row is. It stays
+uncertain until a checked batch holds no stored row and none is known further on; a certain
+relay asks nothing.
 """
 
 from __future__ import annotations
@@ -86,13 +88,13 @@ class OutboxRelay:
     async def _publish(self, batch: list[OutboxMessage]) -> Drained:
         if (turns := self.store.outbox_turns()) != self._turns:
             self._turns, self._uncertain = turns, True
-        stored = await self._already_stored(batch) if self._uncertain else set()
+        stored, later = await self._already_stored(batch) if self._uncertain else (set(), False)
         try:
             drained = await self.bus.publish_outbox(batch, skip=stored)
         except BusUnavailable:
             self._uncertain = True
             raise
-        self._uncertain = bool(stored)
+        self._uncertain = bool(stored) or later
         if stored:
             self.metrics.inc("outbox_already_stored_total", len(stored))
             log.info("outbox_rows_already_stored", count=len(stored))
@@ -111,8 +113,9 @@ class OutboxRelay:
         self.metrics.inc("outbox_published_total", done)
         return drained
 
-    async def _already_stored(self, batch: list[OutboxMessage]) -> set[int]:
-        """The rows of ``batch`` that JetStream stored already (see the module's text)."""
+    async def _already_stored(self, batch: list[OutboxMessage]) -> tuple[set[int], bool]:
+        """The rows of ``batch`` that JetStream stored already (see the module's text), and
+        whether a row of a later batch is known to be stored (stay uncertain then)."""
         by_subject: dict[str, list[int]] = {}
         for i, m in enumerate(batch):
             by_subject.setdefault(self.bus.subjects.topic(m.topic), []).append(i)
@@ -124,12 +127,18 @@ class OutboxRelay:
             at = next((n for n, i in enumerate(rows) if batch[i].msg_id == msg_id), None)
             if at is None:
                 beyond[msg_id] = subject
-            else:
+            elif _in_commit_order(batch[rows[0]]):
                 stored.update(rows[: at + 1])
-        if beyond:  # a row of a later batch was stored: then so were all of this one's
+            else:
+                stored.add(rows[at])
+        later = False
+        if beyond:
             for msg_id in await self.store.outbox_holding(list(beyond)):
-                stored.update(by_subject[beyond[msg_id]])
-        return stored
+                rows = by_subject[beyond[msg_id]]
+                if _in_commit_order(batch[rows[0]]):  # then so were all of this batch's
+                    stored.update(rows)
+                later = True
+        return stored, later
 
     async def drain_once(self) -> int:
         """Publish until the outbox is empty (or another relay holds it); returns the count."""
@@ -192,3 +201,12 @@ class OutboxRelay:
                     await asyncio.sleep(0.05)  # another replica may hold the drain lock
         except TimeoutError:
             log.warning("outbox_flush_incomplete")
+
+
+def _in_commit_order(m: OutboxMessage) -> bool:
+    """Whether the rows of ``m``'s subject were committed in id order, so that they were
+    published in the order they are stored: events, written under their flow's row lock. An
+    outcome subject may be shared by commands applied at once (``out.create``, a token
+    that is not a flow id, an API request next to a stream command): of those, only the row
+    whose id JetStream names is known to be stored."""
+    return m.topic.startswith("evt.")

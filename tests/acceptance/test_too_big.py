@@ -9,6 +9,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,7 @@ async def test_a_dead_letter_near_max_payload_is_cut_to_fit(
     assert [e["kind"] for e in events] == ["created"]
 
 
-async def _events_of(w: Wire, flow_id: uuid.UUID) -> list[dict[str, object]]:
+async def _events_of(w: Wire, flow_id: uuid.UUID) -> list[dict[str, Any]]:
     return [e for e in await w.events() if e["flow_id"] == str(flow_id)]
 
 
@@ -94,3 +95,38 @@ def test_flowd_starts_when_its_limits_fit_the_server(
         assert 32_768 * 3 + EVENT_OVERHEAD <= SMALL
     finally:
         assert d.stop() == 0
+
+
+async def test_a_state_growing_past_the_limit_is_refused_and_stalls_nothing(
+    daemon: DaemonProcess, nats_wire: Wire
+) -> None:
+    """Issue 16, defect 2 as reported: five updates of 250,000 bytes each, every body under
+    FLOWD_MAX_PAYLOAD. The state would outgrow FLOWD_MAX_STATE_BYTES from the second on:
+    those are rejected (invalid_input, state_too_large), and other flows' events still go."""
+    w, s = nats_wire, nats_wire.s
+    flow_id = uuid.uuid4()
+    body = {"id": str(flow_id), "controller_id": "c", "goal": "g", "owner_session_key": "o"}
+    await w.publish(s.create(), body)
+    await w.publish(s.command(flow_id, "start"))
+    cids = [
+        await w.publish(s.command(flow_id, "update"), {"patch": {f"k{i}": "x" * 250_000}})
+        for i in range(5)
+    ]
+    rejected = await w.wait_for(lambda: _outcomes_of(w, set(cids[1:])))
+    for outcome in rejected:
+        assert outcome["code"] == "invalid_input"
+        assert outcome["details"]["reason"] == "state_too_large"
+        assert outcome["details"]["limit"] == 262_144
+        assert outcome["details"]["size"] > 262_144
+        assert "state_json" in outcome["details"]["errors"]
+    events = await w.wait_for(lambda: _events_of(w, flow_id))
+    assert [e["kind"] for e in events][-1] == "state_updated"
+    assert [e["command_id"] for e in events if e["kind"] == "state_updated"] == cids[:1]
+    other = uuid.uuid4()
+    await w.publish(s.create(), {**body, "id": str(other)})
+    assert [e["kind"] for e in await w.wait_for(lambda: _events_of(w, other))] == ["created"]
+
+
+async def _outcomes_of(w: Wire, cids: set[str]) -> list[dict[str, Any]] | None:
+    found = [o for o in await w.outcomes() if o["command_id"] in cids]
+    return found if len(found) == len(cids) else None

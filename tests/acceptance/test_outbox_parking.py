@@ -140,3 +140,33 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "code"),
+    [
+        ("outbox.skip", {"id": 2**64, "reason": "r"}, "invalid_input"),
+        ("outbox.skip", {"id": "1", "reason": "r"}, "invalid_input"),
+        ("outbox.skip", {"id": 0, "reason": "r"}, "invalid_input"),
+        ("outbox.skip", {"id": 1}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": ""}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "a\u0000b"}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "a\nb"}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "a\ud800b"}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "x" * 1001}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "r", "extra": 1}, "invalid_input"),
+        ("outbox.skip", {"id": 1, "reason": "r"}, "not_found"),
+        ("outbox.retry", {"id": 1.5}, "invalid_input"),
+        ("outbox.retry", {"id": 9_223_372_036_854_775_807}, "not_found"),
+        ("outbox.list", {"limit": 0}, "invalid_input"),
+        ("outbox.list", [1], "invalid_input"),
+        ("outbox.nope", {}, "invalid_input"),
+    ],
+)
+async def test_outbox_api_refuses_bad_requests_precisely(
+    daemon: DaemonProcess, nats_wire: Wire, op: str, body: Any, code: str
+) -> None:
+    reply = await nats_wire.request(op, body)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code, reply
+    assert (await nats_wire.request("outbox.list"))["result"] == {"parked": []}

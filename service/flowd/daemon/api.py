@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flowd.bus import codec
 from flowd.bus import subjects as names
@@ -60,13 +60,25 @@ class ParkedListRequest(_Req):
     limit: int = Field(default=1000, strict=True, ge=1, le=1000)
 
 
+#: An outbox row id (PostgreSQL bigint).
+RowId = Annotated[int, Field(strict=True, ge=1, le=2**63 - 1)]
+
+
 class ParkedRetryRequest(_Req):
-    id: int = Field(strict=True, ge=1)
+    id: RowId
 
 
 class ParkedSkipRequest(_Req):
-    id: int = Field(strict=True, ge=1)
+    id: RowId
     reason: str = Field(strict=True, min_length=1, max_length=1000)
+
+    @field_validator("reason")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        # It becomes a NATS header value: no control characters, nothing UTF-8 cannot hold.
+        if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in value):
+            raise ValueError("must not contain control characters or lone surrogates")
+        return value
 
 
 class NotParked(errors.FlowError):

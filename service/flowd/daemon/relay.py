@@ -7,8 +7,8 @@ trip); it nudges the holder over NATS (``P.relay``) instead, so its rows leave a
 and tries the lock again once per ``interval`` however often it is woken (taking over
 within it if the holder died or let go). A nudge is core NATS: one lost in a reconnect
 leaves those rows for the holder's next poll. A failed publish deletes nothing: the rows
-are re-sent later with the same ``Nats-Msg-Id``, which JetStream drops if the first send
-had landed.
+are re-sent later with the same ``Nats-Msg-Id``, and one whose first send had landed is
+dropped by JetStream or, past its duplicate window, not sent (below).
 
 A message that can never be published (too big for the NATS server or the events stream, a
 subject NATS refuses) is *parked*: its row stays, marked, and its flow's later rows wait

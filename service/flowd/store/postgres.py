@@ -227,8 +227,9 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[])"""
 # acked it), read the next rows in order. It runs on a connection of its own that holds a
 # session advisory lock (one drainer across all replicas, so per-flow order holds) and
 # commits without waiting for the WAL flush (synchronous_commit off): should PostgreSQL
-# crash and lose a delete, those rows are re-sent under the same Nats-Msg-Id, which
-# JetStream drops within its duplicate window. A publish that fails deletes nothing.
+# crash and lose a delete, those rows come back, and the relay (taking the lock again) finds
+# them stored in JetStream and deletes them unsent (daemon/relay.py). A publish that fails
+# deletes nothing.
 # Parked rows, and the rows of a flow with a parked row (the partial index, empty unless
 # something is parked), are left out.
 NEXT_OUTBOX: Final = """

@@ -79,7 +79,7 @@ def require_object(value: object, field: str) -> JsonObject:
 
 def state_size(state: Mapping[str, JsonValue]) -> int:
     """The bytes of ``state`` as the stores write it (compact JSON, UTF-8)."""
-    return len(jsontext.dumps(state).encode())
+    return jsontext.size(state)
 
 
 def check_state(change: Change, before: Flow | None, limit: int | None) -> Change:

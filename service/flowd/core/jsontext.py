@@ -24,6 +24,14 @@ def dumps(value: object) -> str:
         return json.dumps(value, separators=(",", ":"))
 
 
+def size(value: object) -> int:
+    """The bytes of ``dumps(value)`` in UTF-8, without making the text."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return len(json.dumps(value, separators=(",", ":")).encode())
+
+
 def loads(data: bytes, *, parse_constant: Callable[[str], Any] | None = None) -> Any:
     """The value of JSON ``data``, exactly as ``json.loads(data, parse_constant=...)`` reads
     it (same values, same errors): orjson reads what it reads the same way; everything else

@@ -130,3 +130,27 @@ async def test_a_state_growing_past_the_limit_is_refused_and_stalls_nothing(
 async def _outcomes_of(w: Wire, cids: set[str]) -> list[dict[str, Any]] | None:
     found = [o for o in await w.outcomes() if o["command_id"] in cids]
     return found if len(found) == len(cids) else None
+
+
+async def test_an_api_reply_nats_would_not_carry_is_an_error_not_silence(
+    daemon: DaemonProcess, nats_wire: Wire
+) -> None:
+    w, s = nats_wire, nats_wire.s
+    flow_id = uuid.uuid4()
+    body = {"id": str(flow_id), "controller_id": "c", "goal": "g", "owner_session_key": "o"}
+    await w.publish(s.create(), body)
+    await w.publish(s.command(flow_id, "start"))
+    for _ in range(6):  # the state stays one key; the audit log keeps every patch
+        await w.publish(s.command(flow_id, "update"), {"patch": {"k": "x" * 200_000}})
+    await w.wait_for(lambda: _count_events(w, flow_id, 8))
+    reply = await w.request("events", {"flow_id": str(flow_id)})
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "invalid_input"
+    assert reply["error"]["details"]["reason"] == "reply_too_large"
+    assert reply["error"]["details"]["limit"] == w.nc.max_payload
+    some = await w.request("events", {"flow_id": str(flow_id), "limit": 3})
+    assert [e["revision"] for e in some["result"]["events"]] == [0, 1, 2]
+
+
+async def _count_events(w: Wire, flow_id: uuid.UUID, n: int) -> bool:
+    return len(await _events_of(w, flow_id)) >= n

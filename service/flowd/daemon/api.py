@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flowd.bus import codec
 from flowd.bus import subjects as names
-from flowd.bus.nats import Message, NatsBus
+from flowd.bus.nats import Message, NatsBus, wire_size
 from flowd.core import errors
 from flowd.core.models import JsonObject
 from flowd.core.outbox import snapshot
@@ -127,7 +127,9 @@ class Api:
             headers = {names.SERVICE_ERROR_CODE: "internal", names.SERVICE_ERROR: "internal"}
         self.metrics.inc("api_requests_total", ok=str(body["ok"]).lower())
         if msg.reply:
-            await self.bus.reply(msg, json.dumps(body, separators=(",", ":")).encode(), headers)
+            data = json.dumps(body, separators=(",", ":")).encode()
+            data, headers = _fitting(data, headers, int(self.bus.nc.max_payload))
+            await self.bus.reply(msg, data, headers)
 
     async def _route(self, tokens: list[str], msg: Message) -> Any:
         op = tokens[0] if tokens else ""
@@ -249,6 +251,28 @@ class Api:
             if dup.outcome.get("status") == "rejected":
                 raise _replayed(dup.outcome) from None
             raise
+
+
+def _fitting(
+    data: bytes, headers: dict[str, str] | None, limit: int
+) -> tuple[bytes, dict[str, str] | None]:
+    """The reply, or, if NATS would not carry it (``limit``: the server's max_payload),
+    an ``invalid_input`` error saying so: the request asked for too much at once."""
+    if wire_size(headers, len(data)) <= limit:
+        return data, headers
+    message = f"the reply of {len(data)} bytes exceeds the {limit} bytes NATS carries"
+    error = {
+        "code": "invalid_input",
+        "message": message + ": ask for less (a smaller limit)",
+        "details": {
+            "errors": {"request": "reply too large"},
+            "reason": "reply_too_large",
+            "size": len(data),
+            "limit": limit,
+        },
+    }
+    data = json.dumps({"ok": False, "error": error}, separators=(",", ":")).encode()
+    return data, {names.SERVICE_ERROR_CODE: "invalid_input", names.SERVICE_ERROR: message}
 
 
 def _error(exc: errors.FlowError) -> JsonObject:

@@ -5,12 +5,13 @@ fails as BusUnavailable (the relay then deletes nothing and sends the rows again
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats.js.errors
 import pytest
 
-from flowd.bus.nats import BusUnavailable, NatsBus, StreamLimits
+from flowd.bus.nats import BusUnavailable, NatsBus, StreamLimits, connect
 from flowd.bus.subjects import COMMAND_ID, MSG_ID
 from flowd.core.outbox import OutboxMessage
 from tests.support.daemon import Wire, wire
@@ -99,3 +100,22 @@ async def test_an_empty_batch_publishes_nothing(w: Wire) -> None:
     await NatsBus(w.nc, w.s, StreamLimits()).publish_outbox([])
     with pytest.raises(nats.js.errors.NotFoundError):
         await w.js.stream_info(w.s.evt_stream)
+
+
+async def test_a_client_the_server_closes_for_good_calls_closed_cb(nats_url: str) -> None:
+    """What the daemon hangs its exit on (``Daemon._nats_closed``): a message over the
+    server's max_payload with its headers, which flowd itself never sends, closes the
+    connection for good."""
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    nc = await connect(nats_url, closed_cb=on_closed)
+    try:
+        body = b"x" * (int(nc.max_payload) - 10)  # nats-py checks the body alone
+        await nc.publish("flowd.test.too.big", body, headers={"A": "b" * 100})
+        await asyncio.wait_for(closed.wait(), timeout=10)
+        assert nc.is_closed
+    finally:
+        await nc.close()

@@ -110,8 +110,11 @@ async def connect(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    closed_cb: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
-    """A NATS connection that reconnects forever (the daemon must outlive NATS outages)."""
+    """A NATS connection that reconnects forever (the daemon must outlive NATS outages).
+    ``closed_cb``: called if it closes for good anyway (the server refused a message of the
+    protocol, e.g. one over its max_payload, which flowd never sends)."""
     tls: ssl.SSLContext | None = None
     if tls_ca or tls_cert:
         tls = ssl.create_default_context(cafile=tls_ca)
@@ -126,6 +129,8 @@ async def connect(
     }
     if creds:
         options["user_credentials"] = creds
+    if closed_cb is not None:
+        options["closed_cb"] = closed_cb
     if tls is not None:
         options["tls"] = tls
     try:

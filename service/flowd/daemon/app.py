@@ -49,6 +49,7 @@ class Daemon:
         self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
         self._database_url = ""
         self._ready: Readiness | None = None
+        self._exit = 0  # the exit code once stopped
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -84,6 +85,14 @@ class Daemon:
                 http.close()
                 await http.wait_closed()
 
+    async def _nats_closed(self) -> None:
+        """The NATS client closed for good while serving: stop, exit 1 (to be restarted)
+        rather than stay up unready forever."""
+        if not self.stop.is_set():
+            log.error("nats_connection_closed", error="the NATS client will not reconnect")
+            self._exit = 1
+            self.stop.set()
+
     async def _readiness(self) -> tuple[str | None, str]:
         return await self._ready() if self._ready is not None else ("starting", "")
 
@@ -114,6 +123,7 @@ class Daemon:
                     tls_ca=str(s.nats_tls_ca) if s.nats_tls_ca else None,
                     tls_cert=str(s.nats_tls_cert) if s.nats_tls_cert else None,
                     tls_key=str(s.nats_tls_key) if s.nats_tls_key else None,
+                    closed_cb=self._nats_closed,
                 ),
             )
             if nc is None:
@@ -131,7 +141,7 @@ class Daemon:
         finally:
             await store.close()
         log.info("stopped")
-        return 0
+        return self._exit
 
     async def _run_loops(self, store: PostgresFlowStore, bus: NatsBus, drain: bool) -> None:
         s, m = self.settings, self.metrics

@@ -83,6 +83,9 @@ def test_flowd_refuses_to_start_when_its_largest_event_would_not_fit(
     assert f"the server's max_payload {SMALL}" in line["error"]
     for setting in ("FLOWD_MAX_STATE_BYTES", "FLOWD_MAX_PAYLOAD"):
         assert setting in line["error"]
+    assert [e["event"] for e in d.log_events() if e.get("level") == "error"] == [
+        "payload_limits_do_not_fit"
+    ]
 
 
 def test_flowd_starts_when_its_limits_fit_the_server(

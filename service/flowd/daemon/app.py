@@ -134,6 +134,7 @@ class Daemon:
                     return 0
                 if (too_big := self._too_big(bus)) is not None:
                     log.error("payload_limits_do_not_fit", error=too_big)
+                    self.stop.set()  # (closing the client below is no further failure)
                     return 1
                 await self._run_loops(store, bus, drain)
             finally:

@@ -17,6 +17,7 @@ from flowd.core.errors import (
     InvalidInput,
     InvalidTransition,
     RevisionMismatch,
+    StateTooLarge,
     StoreUnavailable,
 )
 from flowd.core.models import (
@@ -55,6 +56,7 @@ __all__ = [
     "InvalidTransition",
     "PostgresFlowStore",
     "RevisionMismatch",
+    "StateTooLarge",
     "StepObservation",
     "StoreUnavailable",
     "SyncMode",

@@ -490,6 +490,22 @@ class FlowClient:
         result = await self._request("outcome", {"command_id": command_id})
         return None if result["outcome"] is None else dict(result["outcome"])
 
+    async def outbox_parked(self, limit: int = 1000) -> list[Json]:
+        """Outbox rows the relay parked (``id, topic, msg_id, command_id, size, reason,
+        since``), oldest first."""
+        return list((await self._request("outbox.list", {"limit": limit}))["parked"])
+
+    async def outbox_retry(self, row_id: int) -> Json:
+        """Un-park outbox row ``row_id``: the relay tries it again."""
+        result: Json = await self._request("outbox.retry", {"id": row_id})
+        return result
+
+    async def outbox_skip(self, row_id: int, reason: str) -> Json:
+        """Copy parked row ``row_id`` to ``P.dlq.evt`` with ``reason`` and remove it: its
+        flow's later events go out."""
+        result: Json = await self._request("outbox.skip", {"id": row_id, "reason": reason})
+        return result
+
     async def list(
         self,
         owner: str | None = None,

@@ -28,6 +28,7 @@ ENV: dict[str, str] = {
     "pool_size": "FLOWD_POOL_SIZE",
     "flow_cache": "FLOWD_FLOW_CACHE",
     "max_payload": "FLOWD_MAX_PAYLOAD",
+    "max_state_bytes": "FLOWD_MAX_STATE_BYTES",
     "ack_wait": "FLOWD_ACK_WAIT",
     "max_deliver": "FLOWD_MAX_DELIVER",
     "stream_replicas": "FLOWD_STREAM_REPLICAS",
@@ -72,6 +73,11 @@ class Settings(BaseModel):
         10_000, ge=0, description="flows kept in memory to skip the read before a write; 0: off"
     )
     max_payload: int = Field(262_144, ge=1024, description="largest accepted body, bytes")
+    max_state_bytes: int = Field(
+        262_144,  # core.apply.MAX_STATE_BYTES
+        ge=1024,
+        description="largest state_json of a flow, serialized, bytes",
+    )
     ack_wait: float = Field(30.0, gt=0, description="seconds before JetStream redelivers")
     max_deliver: int = Field(
         20, ge=2, description="deliveries before a message is dead-lettered (a last resort)"

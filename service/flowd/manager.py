@@ -72,11 +72,15 @@ class FlowManager:
         cache_size: int = 10_000,
         on_commit: Callable[[Change | None], None] | None = None,
         reserved_subjects: Sequence[str] = (),
+        max_state_bytes: int | None = apply.MAX_STATE_BYTES,
     ) -> None:
         """``on_commit`` is called after every write: with the change, or None for a
         recorded outcome (a rejection, a no-op); both may have queued outbox messages.
-        ``reserved_subjects``: subjects (with all under them) no subject wait may name."""
+        ``reserved_subjects``: subjects (with all under them) no subject wait may name.
+        A write whose ``state_json`` would exceed ``max_state_bytes`` (serialized; None: no
+        limit) is refused with ``StateTooLarge``."""
         self.store = store
+        self._max_state = max_state_bytes
         self._clock = clock
         self._new_id = new_id
         self._cache: dict[UUID, Flow] = {}
@@ -145,6 +149,7 @@ class FlowManager:
     ) -> Flow:
         valid = _validated(CreateManagedInput, data)
         change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
+        apply.check_state(change, None, self._max_state)
         await self._commit(change, command_id)
         return change.flow
 
@@ -384,6 +389,7 @@ class FlowManager:
                 if expected is not None and flow.revision != expected:
                     raise errors.RevisionMismatch(flow_id, expected, flow.revision)
                 change = await step(flow)
+                change = change and apply.check_state(change, flow, self._max_state)
             except errors.StoreUnavailable:
                 raise
             except errors.FlowError:

@@ -60,3 +60,8 @@ def test_loads_fails_where_the_standard_library_fails(data: bytes) -> None:
         theirs = str(exc)
     with pytest.raises(ValueError, match=f"^{re.escape(theirs)}$"):
         jsontext.loads(data, parse_constant=_no_constant)
+
+
+def test_size_is_the_utf8_length_of_dumps() -> None:
+    for value in ({"a": "é" * 3}, {"big": 2**70}, {"s": "\ud800"}, [1, "x"], {}):
+        assert jsontext.size(value) == len(jsontext.dumps(value).encode(errors="surrogatepass"))

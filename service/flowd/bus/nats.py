@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import nats
 import nats.errors
@@ -27,7 +28,7 @@ from flowd.aio import Wakeup
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
 from flowd.core import jsontext
-from flowd.core.outbox import OutboxMessage
+from flowd.core.outbox import Drained, OutboxMessage
 
 Message = Msg
 log = structlog.get_logger("flowd.bus")
@@ -53,6 +54,29 @@ RESYNC_ROUNDS = 3
 
 class BusUnavailable(Exception):
     """NATS could not be reached or did not answer in time; retry later."""
+
+
+#: nats-py's header block: ``NATS/1.0\r\n``, ``key: value\r\n`` per header, ``\r\n``.
+_HEADER_LINE = len(b"NATS/1.0\r\n\r\n")
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: The outbox headers' bytes besides their values: the header block's first and last line,
+#: two names, their separators and line ends.
+_HEADERS_SLACK = _HEADER_LINE + len("Nats-Msg-Id: \r\nFlowd-Command-Id: \r\n")
+#: A subject NATS cannot publish to: empty tokens, wildcards, whitespace, control characters.
+_BAD_SUBJECT = re.compile(r"^\.|\.\.|\.$|^$|(^|\.)[*>](\.|$)|[\s\x00-\x1f\x7f]")
+
+
+def wire_size(headers: Mapping[str, str] | None, payload: int) -> int:
+    """The bytes nats-server counts against its ``max_payload`` for a message with
+    ``headers`` and a body of ``payload`` bytes: the header block as nats-py writes it, plus
+    the body. (nats-py itself checks the body alone; a message whose headers push it over the
+    limit is sent, and the server then closes the connection.)"""
+    if not headers:
+        return payload
+    size = _HEADER_LINE
+    for key, value in headers.items():
+        size += len(key.strip()) + len(value.strip().translate(_NEWLINES).encode()) + 4
+    return size + payload
 
 
 @contextlib.asynccontextmanager
@@ -86,8 +110,11 @@ async def connect(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    closed_cb: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
-    """A NATS connection that reconnects forever (the daemon must outlive NATS outages)."""
+    """A NATS connection that reconnects forever (the daemon must outlive NATS outages).
+    ``closed_cb``: called if it closes for good anyway (the server refused a message of the
+    protocol, e.g. one over its max_payload, which flowd never sends)."""
     tls: ssl.SSLContext | None = None
     if tls_ca or tls_cert:
         tls = ssl.create_default_context(cafile=tls_ca)
@@ -102,6 +129,8 @@ async def connect(
     }
     if creds:
         options["user_credentials"] = creds
+    if closed_cb is not None:
+        options["closed_cb"] = closed_cb
     if tls is not None:
         options["tls"] = tls
     nc = _LenientClient()
@@ -147,6 +176,7 @@ class NatsBus:
         self._subs: dict[str, _Pull] = {}
         self._streams: dict[str, str] = {}
         self._acks: _Acks | None = None
+        self._evt_max_msg = -1  # the events stream's max_msg_size, as last read
 
     @property
     def connected(self) -> bool:
@@ -201,9 +231,11 @@ class NatsBus:
         async with _translated():
             for config in streams:
                 try:
-                    await self.js.add_stream(config)
+                    info = await self.js.add_stream(config)
                 except nats.js.errors.BadRequestError:
-                    await self.js.update_stream(config)
+                    info = await self.js.update_stream(config)
+                if config.name == s.evt_stream:
+                    self._evt_max_msg = int(info.config.max_msg_size or -1)
             consumers: list[tuple[str, str, str | None, Gaps]] = [
                 (s.wake_stream, s.wake_consumer, None, "ignore")
             ]
@@ -266,26 +298,107 @@ class NatsBus:
             info = await self.js.consumer_info(self._streams[durable], durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
-    async def publish_outbox(self, batch: Sequence[OutboxMessage]) -> None:
-        """Publish ``batch`` in order, pipelined, and return once JetStream acked all (else
-        BusUnavailable: nothing is known about which landed; a re-send is dropped by id)."""
+    def publish_limit(self) -> int:
+        """The largest message, headers and body, that the server (its ``max_payload``) and
+        the events stream (its ``max_msg_size``, as last read) take."""
+        limit = int(self.nc.max_payload)
+        return min(limit, self._evt_max_msg) if self._evt_max_msg > 0 else limit
+
+    async def publish_outbox(
+        self, batch: Sequence[OutboxMessage], *, skip: Collection[int] = ()
+    ) -> Drained:
+        """Publish ``batch`` in order, pipelined, except the rows at the indexes in ``skip``,
+        and return once JetStream acked all. A message that can never be published (too big
+        for ``publish_limit``, a subject NATS refuses, a size the stream refuses) is not sent
+        again: it is returned to be parked, and the later messages of its flow in the batch
+        are kept back. Any other failure raises BusUnavailable: nothing is known about which
+        landed, and a re-send is dropped by id."""
+        limit = self.publish_limit()
+        refreshed = False
+        parked: dict[int, str] = {}
+        kept: set[int] = set()
+        blocked: set[str] = set()
+        out: list[tuple[int, str, bytes, dict[str, str]]] = []
+        for i, m in enumerate(batch):
+            if i in skip:
+                continue
+            if blocked and m.flow_key in blocked:
+                kept.add(i)
+                continue
+            headers = {names.MSG_ID: m.msg_id}
+            if m.command_id is not None:
+                headers[names.COMMAND_ID] = m.command_id
+            subject = self.subjects.topic(m.topic)
+            body = m.text().encode()
+            # Cheap on the hot path: an upper bound first (4 bytes per character at most),
+            # the exact size only near the limit; events' subjects are flowd's own.
+            at_most = len(body) + 4 * (len(m.msg_id) + len(m.command_id or "")) + _HEADERS_SLACK
+            why = None
+            if at_most > limit and (size := wire_size(headers, len(body))) > limit:
+                if not refreshed and size <= self.nc.max_payload:
+                    # Over the stream's limit as last read: read it again (raised since?).
+                    refreshed = await self._refresh_limit()
+                    limit = self.publish_limit()
+                if size > limit:
+                    why = f"message of {size} bytes exceeds the {limit} byte limit of NATS"
+            if not m.topic.startswith("evt.") and _BAD_SUBJECT.search(subject):
+                why = f"NATS refuses the subject {subject!r}"
+            if why is None:
+                out.append((i, subject, body, headers))
+            else:
+                parked[i] = why
+                blocked.add(m.flow_key)
+        if out:
+            refused = await self._publish_pipelined(out)
+            if refused:
+                await self._refresh_limit()  # a stream limit lowered since it was read
+            parked.update(refused)
+        return Drained(parked, frozenset(kept))
+
+    async def _publish_pipelined(
+        self, out: list[tuple[int, str, bytes, dict[str, str]]]
+    ) -> dict[int, str]:
+        """Send ``out`` (batch index, subject, body, headers) and wait for every ack; the
+        batch indexes JetStream refused for good, with why."""
         async with _translated():
             if self._acks is None:
                 self._acks = await _Acks(self.nc).start()
-            waiting = self._acks.expect(len(batch))
+            waiting = self._acks.expect(len(out))
             try:
-                for m, reply in zip(batch, waiting.replies, strict=True):
-                    headers = {names.MSG_ID: m.msg_id}
-                    if m.command_id is not None:
-                        headers[names.COMMAND_ID] = m.command_id
-                    body = m.text().encode()
-                    await self.nc.publish(self.subjects.topic(m.topic), body, reply, headers)
+                for (_, subject, body, headers), reply in zip(out, waiting.replies, strict=True):
+                    await self.nc.publish(subject, body, reply, headers)
                 async with asyncio.timeout(10):
                     await waiting.done
             finally:
                 self._acks.forget(waiting)
             if waiting.error is not None:
                 raise BusUnavailable(f"JetStream refused an event: {waiting.error}")
+        return {out[n][0]: why for n, why in waiting.refused.items()}
+
+    async def _refresh_limit(self) -> bool:
+        """Read the events stream's ``max_msg_size`` again (True), if NATS answers."""
+        try:
+            info = await self.js.stream_info(self.subjects.evt_stream)
+        except (nats.errors.Error, OSError, TimeoutError):
+            return False
+        self._evt_max_msg = int(info.config.max_msg_size or -1)
+        return True
+
+    async def stored_ids(self, subjects: Collection[str]) -> dict[str, str]:
+        """The ``Nats-Msg-Id`` of the last message the events stream holds on each of
+        ``subjects`` (full subjects), for those that have one."""
+
+        async def last(subject: str) -> tuple[str, str | None]:
+            try:
+                msg = await self.js.get_last_msg(self.subjects.evt_stream, subject)
+            except nats.js.errors.NotFoundError:
+                return subject, None
+            return subject, (msg.headers or {}).get(names.MSG_ID)
+
+        asked = [s for s in subjects if not _BAD_SUBJECT.search(s)]
+        async with _translated():
+            found = await asyncio.gather(*(last(s) for s in asked))
+        return {subject: msg_id for subject, msg_id in found if msg_id is not None}
 
     async def dead_letter(self, msg: Msg, source: str, reason: str, command_id: str) -> None:
         """Copy ``msg`` to ``<prefix>.dlq.<source>`` with why, then the caller acks it (a
@@ -299,8 +412,15 @@ class NatsBus:
             meta = msg.metadata
             headers[names.DLQ_STREAM_SEQ] = str(meta.sequence.stream)
             headers[names.DLQ_DELIVERED] = str(meta.num_delivered)
+        await self.publish_letter(self.subjects.dead_letter(source), msg.data or b"", headers)
+
+    async def publish_letter(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """JetStream-publish a dead letter: a copy of ``data`` with ``headers``, cut so that
+        the whole message fits the server's ``max_payload`` (then ``Flowd-Dlq-Truncated``
+        says the original size). Too big, it would make the server close the connection."""
+        data, headers = fitted(data, headers, int(self.nc.max_payload))
         async with _translated():
-            await self.js.publish(self.subjects.dead_letter(source), msg.data, headers=headers)
+            await self.js.publish(subject, data, headers=headers)
 
     async def publish_outcome(self, message: OutboxMessage) -> None:
         """Publish one outcome that is not recorded (it has no outbox row): an
@@ -358,6 +478,21 @@ class NatsBus:
                 await self.nc.close()
 
 
+def fitted(data: bytes, headers: dict[str, str], limit: int) -> tuple[bytes, dict[str, str]]:
+    """``data`` and ``headers``, the body cut (and ``Flowd-Dlq-Truncated: <original size>``
+    added) if the message would not fit ``limit`` bytes, headers included."""
+    if wire_size(headers, len(data)) <= limit:
+        return data, headers
+    cut = {**headers, names.DLQ_TRUNCATED: str(len(data))}
+    room = max(limit - wire_size(cut, 0), 0)
+    return data[:room], cut
+
+
+#: JetStream publish errors that the same message gets again however often it is sent: the
+#: message (10054) or its headers (10097) exceed what the stream takes.
+PERMANENT_PUBLISH_ERRORS: Final = frozenset({10054, 10097})
+
+
 @dataclass(slots=True)
 class _Waiting:
     """One batch of publishes whose acks are awaited (``_Acks``)."""
@@ -365,7 +500,8 @@ class _Waiting:
     replies: list[str]
     done: asyncio.Future[None]
     left: int
-    error: str | None = None
+    error: str | None = None  # a refusal that may pass later (the batch fails)
+    refused: dict[int, str] = field(default_factory=dict)  # index -> a refusal for good
 
 
 class _Acks:
@@ -378,7 +514,7 @@ class _Acks:
         self._nc = nc
         self._prefix = nc.new_inbox()
         self._next = 0
-        self._batches: dict[str, _Waiting] = {}  # reply subject -> its batch
+        self._batches: dict[str, tuple[_Waiting, int]] = {}  # reply -> (its batch, index)
 
     async def start(self) -> _Acks:
         await self._nc.subscribe(f"{self._prefix}.*", cb=self._ack)
@@ -388,8 +524,8 @@ class _Acks:
         first, self._next = self._next, self._next + count
         replies = [f"{self._prefix}.{n}" for n in range(first, first + count)]
         waiting = _Waiting(replies, asyncio.get_running_loop().create_future(), count)
-        for reply in replies:
-            self._batches[reply] = waiting
+        for n, reply in enumerate(replies):
+            self._batches[reply] = (waiting, n)
         if not count:
             waiting.done.set_result(None)
         return waiting
@@ -399,14 +535,18 @@ class _Acks:
             self._batches.pop(reply, None)
 
     async def _ack(self, msg: Msg) -> None:
-        waiting = self._batches.pop(msg.subject, None)
+        waiting, n = self._batches.pop(msg.subject, (None, 0))
         if waiting is None:
             return  # the batch gave up (timed out) already
         if msg.headers and msg.headers.get(api.Header.STATUS):  # 503: no stream listens
             waiting.error = waiting.error or f"status {msg.headers.get(api.Header.STATUS)}"
         elif b'"error"' in msg.data:
             error = jsontext.loads(msg.data).get("error", {})
-            waiting.error = waiting.error or f"{error.get('code')} {error.get('description')}"
+            why = f"{error.get('code')} {error.get('description')} ({error.get('err_code')})"
+            if error.get("err_code") in PERMANENT_PUBLISH_ERRORS:
+                waiting.refused[n] = f"JetStream refused it: {why}"
+            else:
+                waiting.error = waiting.error or why
         waiting.left -= 1
         if not waiting.left and not waiting.done.done():
             waiting.done.set_result(None)

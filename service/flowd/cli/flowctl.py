@@ -220,6 +220,28 @@ async def _outcome(c: FlowClient, a: argparse.Namespace) -> int:
     return 0
 
 
+async def _outbox(c: FlowClient, a: argparse.Namespace) -> int:
+    if a.action != "list" and a.row_id is None:
+        print(f"usage: flowctl outbox {a.action} ID", file=sys.stderr)
+        return 2
+    if a.action == "list":
+        rows = await c.outbox_parked()
+        if a.json:
+            _dump({"parked": rows})
+        else:
+            _table(rows, ("id", "topic", "msg_id", "size", "reason", "since"))
+        return 0
+    if a.action == "retry":
+        result = await c.outbox_retry(a.row_id)
+    elif not a.reason:
+        print("usage: flowctl outbox skip ID --reason TEXT", file=sys.stderr)
+        return 2
+    else:
+        result = await c.outbox_skip(a.row_id, a.reason)
+    _dump(result, pretty=not a.json)
+    return 0
+
+
 async def _tail(c: FlowClient, a: argparse.Namespace) -> int:
     seen = 0
     stream = c.tail(a.flow_id, a.kind, replay=a.replay, since=a.since, include_outcomes=a.outcomes)
@@ -406,6 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--outcomes", action="store_true", help="also rejected/unchanged outcomes")
     p.add_argument("--count", type=positive, metavar="N", help="exit after N events")
+    p = add(
+        "outbox",
+        "list the outbox rows the relay parked (messages NATS will not take: their flow's "
+        "later events wait behind them); retry one (e.g. after raising the limit) or skip it: "
+        "a copy goes to <prefix>.dlq.evt with the reason, the row is removed and its flow's "
+        "events go on",
+        _outbox,
+        "",
+        "retry 42",
+        "skip 42 --reason 'state too big, fixed by hand'",
+    )
+    p.add_argument(
+        "action", nargs="?", choices=("list", "retry", "skip"), default="list", help="default list"
+    )
+    p.add_argument("row_id", type=positive, nargs="?", metavar="ID", help="the parked row's id")
+    p.add_argument("--reason", help="why it is skipped (skip; kept in the dead letter)")
     return parser
 
 

@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="messages in flight per consumer, its max_ack_pending (default 128) [FLOWD_BATCH]",
     )
+    run.add_argument(
+        "--max-state-bytes",
+        type=int,
+        help="largest state_json of a flow, serialized; a write beyond it is rejected "
+        "invalid_input / state_too_large (default 262144); flowd refuses to start if "
+        "its largest event would not fit the NATS server's max_payload "
+        "[FLOWD_MAX_STATE_BYTES]",
+    )
     run.add_argument("--log-format", choices=["auto", "json", "console"], help="[FLOWD_LOG_FORMAT]")
     run.add_argument(
         "--no-migrate",
@@ -117,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             concurrency=args.concurrency,
             batch=args.batch,
+            max_state_bytes=args.max_state_bytes,
             log_format=args.log_format,
             migrate=False if args.no_migrate else None,
         )

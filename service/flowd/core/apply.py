@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from pydantic import JsonValue
 
-from flowd.core import errors, waits
+from flowd.core import errors, jsontext, waits
 from flowd.core.models import (
     CreateManagedInput,
     Flow,
@@ -27,6 +27,13 @@ from flowd.core.models import (
 from flowd.core.status import FlowStatus, SyncMode, is_legal
 
 NewId = Callable[[], UUID]
+
+#: The default limit of a flow's ``state_json``, serialized (``FLOWD_MAX_STATE_BYTES``). An
+#: event carries the flow's state next to at most two more copies of a command body or of
+#: the state (a wait and its snapshot; a wake's patch and cause): 256 KiB leaves every event
+#: within NATS's default max_payload of 1 MiB with the default FLOWD_MAX_PAYLOAD of 256 KiB
+#: (core.outbox.largest_event_bytes).
+MAX_STATE_BYTES: Final = 262_144
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,25 @@ def require_object(value: object, field: str) -> JsonObject:
         if not isinstance(key, str):
             raise errors.InvalidInput(f"{field} keys must be strings", {field: "non-string key"})
     return value
+
+
+def state_size(state: Mapping[str, JsonValue]) -> int:
+    """The bytes of ``state`` as the stores write it (compact JSON, UTF-8)."""
+    return jsontext.size(state)
+
+
+def check_state(change: Change, before: Flow | None, limit: int | None) -> Change:
+    """``change``, unless it writes a state other than ``before``'s (or a new flow's) that is
+    larger than ``limit`` bytes: then ``StateTooLarge``. A write that leaves the state as it
+    was passes, whatever its size (a flow stored before the limit was lowered can still
+    start, wait, be cancelled)."""
+    state = change.flow.state_json
+    if limit is None or (before is not None and state is before.state_json):
+        return change
+    size = state_size(state)
+    if size > limit and (before is None or state != before.state_json):
+        raise errors.StateTooLarge(size, limit)
+    return change
 
 
 def merge(state: Mapping[str, JsonValue], patch: Mapping[str, JsonValue] | None) -> JsonObject:

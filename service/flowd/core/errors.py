@@ -10,6 +10,7 @@
     │   └── CancelPending           (reason "cancel_pending")
     ├── RevisionMismatch            "revision_mismatch"    flow_id, expected, actual
     ├── InvalidInput                "invalid_input"        errors (field -> message)
+    │   └── StateTooLarge           (reason "state_too_large", size, limit)
     ├── DuplicateCommand            "duplicate_command"    command_id, outcome
     ├── IdempotencyConflict         "idempotency_conflict" command_id, first (verb, flow_id, at)
     └── Internal                    "internal"             error (the exception's type)
@@ -151,6 +152,23 @@ class InvalidInput(FlowError):
 
     def details(self) -> dict[str, Any]:
         return {"errors": self.errors}  # one shape, always
+
+
+class StateTooLarge(InvalidInput):
+    """The flow's state would exceed its size limit (``FLOWD_MAX_STATE_BYTES``)."""
+
+    reason: ClassVar[str] = "state_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"state_json would be {size} bytes, over the {limit} byte limit",
+            {"state_json": f"{size} bytes exceeds the limit of {limit}"},
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {**super().details(), "reason": self.reason, "size": self.size, "limit": self.limit}
 
 
 class DuplicateCommand(FlowError):

@@ -24,6 +24,14 @@ def dumps(value: object) -> str:
         return json.dumps(value, separators=(",", ":"))
 
 
+def size(value: object) -> int:
+    """The bytes of ``dumps(value)`` in UTF-8, without making the text."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return len(json.dumps(value, separators=(",", ":")).encode())
+
+
 #: What ``loads_fast`` returns for data it leaves to the standard library.
 UNREAD: Final = object()
 

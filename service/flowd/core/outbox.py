@@ -8,13 +8,31 @@ Stores write these rows in the mutation's transaction; the relay publishes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
 from uuid import UUID
 
 from flowd.core import jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, JsonObject
+
+#: Bytes of an event besides its flow's state and the (at most two) bodies it carries: the goal
+#: (10,000 characters, up to 6 bytes each JSON-escaped), eight short strings of up to 200
+#: characters (controller, owner, origin, step, command id, next step, signal name, run id),
+#: ids, timestamps, numbers, keys, and the NATS headers.
+EVENT_OVERHEAD: Final = 72 * 1024
+
+
+def largest_event_bytes(max_state: int, max_payload: int) -> int:
+    """An upper bound of an event message's size (body and headers) with states of at most
+    ``max_state`` bytes and command bodies of at most ``max_payload``: the snapshot's state,
+    plus two copies of a body or of what it merges into the state (``waiting``: the wait in
+    the payload and in the snapshot's ``wait_json``; ``resumed``: its patch and its cause,
+    a wake that is also merged into the state; ``state_updated`` / ``finished``: the patch),
+    plus ``EVENT_OVERHEAD``."""
+    return max_state + 2 * max(max_state, max_payload) + EVENT_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +44,67 @@ class OutboxMessage:
     msg_id: str
     command_id: str | None
     body: JsonObject | str
+    row_id: int = 0  # the store's id of the row (0 until stored)
 
     def text(self) -> str:
         """The body as compact JSON text."""
         if isinstance(self.body, str):
             return self.body
         return jsontext.dumps(self.body)
+
+    @property
+    def flow_key(self) -> str:
+        """Which flow the message is about (``flow_key``)."""
+        return flow_key(self.topic)
+
+
+def flow_key(topic: str) -> str:
+    """The flow a topic is about: the token after ``evt.`` / ``out.``, lower-cased (an
+    outcome's token echoes the flow id as published, maybe in upper case). A flow's messages
+    go out in order: one the relay cannot publish holds back the later ones with its key.
+    (The stores' SQL spells it ``lower(split_part(topic, '.', 2))``.)"""
+    return topic.split(".", 2)[1].lower() if "." in topic else topic.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """What the relay made of a batch (``FlowStore.drain_outbox``): rows to *park* (batch
+    index -> why: a refusal retrying will not cure), and rows it *kept* back unsent (a row
+    of their flow was parked before them). Every other row was published, or found already
+    stored by JetStream, and is deleted."""
+
+    parked: Mapping[int, str] = field(default_factory=dict)
+    kept: frozenset[int] = frozenset()
+
+
+#: What ``drain_outbox`` hands a batch to; None means every row was published.
+Publish = Callable[[list[OutboxMessage]], Awaitable[Drained | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRow:
+    """An outbox row the relay parked, as ``flowctl outbox`` lists it."""
+
+    row_id: int
+    topic: str
+    msg_id: str
+    command_id: str | None
+    size: int  # of the body, bytes
+    reason: str
+    since: datetime
+    body: str | None = None  # only when asked for (to copy it to a dead letter)
+
+    def summary(self) -> JsonObject:
+        """The row as JSON (without its body)."""
+        return {
+            "id": self.row_id,
+            "topic": self.topic,
+            "msg_id": self.msg_id,
+            "command_id": self.command_id,
+            "size": self.size,
+            "reason": self.reason,
+            "since": self.since.isoformat(),
+        }
 
 
 def snapshot(flow: Flow) -> JsonObject:

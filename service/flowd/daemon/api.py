@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flowd.bus import codec
 from flowd.bus import subjects as names
-from flowd.bus.nats import Message, NatsBus
+from flowd.bus.nats import Message, NatsBus, wire_size
 from flowd.core import errors
 from flowd.core.models import JsonObject
 from flowd.core.outbox import snapshot
@@ -57,6 +57,44 @@ class OutcomeRequest(_Req):
     command_id: str = Field(strict=True, min_length=1, max_length=codec.MAX_ID_LENGTH)
 
 
+class ParkedListRequest(_Req):
+    limit: int = Field(default=1000, strict=True, ge=1, le=1000)
+
+
+#: An outbox row id (PostgreSQL bigint).
+RowId = Annotated[int, Field(strict=True, ge=1, le=2**63 - 1)]
+
+
+class ParkedRetryRequest(_Req):
+    id: RowId
+
+
+class ParkedSkipRequest(_Req):
+    id: RowId
+    reason: str = Field(strict=True, min_length=1, max_length=1000)
+
+    @field_validator("reason")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        # It becomes a NATS header value: no control characters, nothing UTF-8 cannot hold.
+        if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in value):
+            raise ValueError("must not contain control characters or lone surrogates")
+        return value
+
+
+class NotParked(errors.FlowError):
+    """No parked outbox row has this id."""
+
+    code = "not_found"
+
+    def __init__(self, row_id: int) -> None:
+        self.row_id = row_id
+        super().__init__(f"no parked outbox row {row_id}")
+
+    def details(self) -> dict[str, Any]:
+        return {"id": self.row_id}
+
+
 class Api:
     """Serves ``<prefix>.api.>``."""
 
@@ -93,7 +131,9 @@ class Api:
             headers = {names.SERVICE_ERROR_CODE: "internal", names.SERVICE_ERROR: "internal"}
         self.metrics.inc("api_requests_total", ok=str(body["ok"]).lower())
         if msg.reply:
-            await self.bus.reply(msg, json.dumps(body, separators=(",", ":")).encode(), headers)
+            data = json.dumps(body, separators=(",", ":")).encode()
+            data, headers = _fitting(data, headers, int(self.bus.nc.max_payload))
+            await self.bus.reply(msg, data, headers)
 
     async def _route(self, tokens: list[str], msg: Message) -> Any:
         op = tokens[0] if tokens else ""
@@ -127,7 +167,52 @@ class Api:
                 "outcome": await self.manager.store.get_outcome(oc.command_id),
                 "first_use": None if first is None else {**first.as_json(), "digest": first.digest},
             }
+        if op == "outbox" and len(tokens) == 2:
+            return await self._outbox(tokens[1], data)
         raise errors.InvalidInput(f"unknown API operation {'.'.join(tokens)!r}")
+
+    async def _outbox(self, action: str, data: object) -> Any:
+        """Parked outbox rows: ``list``, ``retry`` (un-park: the relay tries it again),
+        ``skip`` (copy it to ``P.dlq.evt`` with the reason, then remove it)."""
+        store = self.manager.store
+        if action == "list":
+            rows = await store.outbox_parked(limit=_valid(ParkedListRequest, data).limit)
+            return {"parked": [r.summary() for r in rows]}
+        if action == "retry":
+            retry = _valid(ParkedRetryRequest, data)
+            row = await store.outbox_parked_row(retry.id)
+            if row is None or not await store.outbox_unpark(retry.id):
+                raise NotParked(retry.id)
+            log.warning("outbox_row_retried", row=row.row_id, topic=row.topic, msg_id=row.msg_id)
+            await self.bus.nudge_relay()  # whichever replica holds the relay tries it now
+            return {"retried": row.summary()}
+        if action == "skip":
+            skip = _valid(ParkedSkipRequest, data)
+            row = await store.outbox_parked_row(skip.id)
+            if row is None or row.body is None:
+                raise NotParked(skip.id)
+            subject = self.bus.subjects.topic(row.topic)
+            headers = {
+                names.MSG_ID: f"dlq-evt-{row.msg_id}",
+                names.DLQ_REASON: f"{skip.reason} (parked: {row.reason})"[:1000],
+                names.DLQ_SUBJECT: subject,
+            }
+            if row.command_id is not None:
+                headers[names.COMMAND_ID] = row.command_id
+            letter = self.bus.subjects.dead_letter("evt")
+            await self.bus.publish_letter(letter, row.body.encode(), headers)
+            if not await store.outbox_remove_parked(skip.id):
+                raise NotParked(skip.id)  # retried meanwhile: the relay has it again
+            log.warning(
+                "outbox_row_skipped",
+                row=row.row_id,
+                topic=row.topic,
+                msg_id=row.msg_id,
+                reason=skip.reason,
+            )
+            await self.bus.nudge_relay()  # its flow's later rows may go now
+            return {"skipped": row.summary(), "dead_letter": letter}
+        raise errors.InvalidInput(f"unknown API operation 'outbox.{action}'")
 
     async def _mutate(self, kind: str, tokens: list[str], msg: Message) -> Any:
         fallback = f"{codec.RESERVED}api:{uuid.uuid4().hex}"
@@ -183,6 +268,28 @@ class Api:
             if flow is not None:
                 reply["flow"] = snapshot(flow)
         return reply
+
+
+def _fitting(
+    data: bytes, headers: dict[str, str] | None, limit: int
+) -> tuple[bytes, dict[str, str] | None]:
+    """The reply, or, if NATS would not carry it (``limit``: the server's max_payload),
+    an ``invalid_input`` error saying so: the request asked for too much at once."""
+    if wire_size(headers, len(data)) <= limit:
+        return data, headers
+    message = f"the reply of {len(data)} bytes exceeds the {limit} bytes NATS carries"
+    error = {
+        "code": "invalid_input",
+        "message": message + ": ask for less (a smaller limit)",
+        "details": {
+            "errors": {"request": "reply too large"},
+            "reason": "reply_too_large",
+            "size": len(data),
+            "limit": limit,
+        },
+    }
+    data = json.dumps({"ok": False, "error": error}, separators=(",", ":")).encode()
+    return data, {names.SERVICE_ERROR_CODE: "invalid_input", names.SERVICE_ERROR: message}
 
 
 def _error(exc: errors.FlowError) -> JsonObject:

@@ -23,9 +23,10 @@ from flowd.bus.subjects import Subjects
 from flowd.config import Settings
 from flowd.core import errors
 from flowd.core.apply import Change
+from flowd.core.outbox import EVENT_OVERHEAD, largest_event_bytes
 from flowd.daemon.api import Api
 from flowd.daemon.dispatch import Dispatcher, Kind
-from flowd.daemon.health import Metrics, serve_http
+from flowd.daemon.health import Metrics, Readiness, serve_http
 from flowd.daemon.partitions import PartitionOwner
 from flowd.daemon.relay import OutboxRelay
 from flowd.daemon.waits import WaitEngine
@@ -47,7 +48,8 @@ class Daemon:
         self.stop = asyncio.Event()
         self._servers: list[embedded.EmbeddedPostgres | embedded.EmbeddedNats] = []
         self._database_url = ""
-        self._ready: Callable[[], Awaitable[str | None]] | None = None
+        self._ready: Readiness | None = None
+        self._exit = 0  # the exit code once stopped
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -83,8 +85,16 @@ class Daemon:
                 http.close()
                 await http.wait_closed()
 
-    async def _readiness(self) -> str | None:
-        return await self._ready() if self._ready is not None else "starting"
+    async def _nats_closed(self) -> None:
+        """The NATS client closed for good while serving: stop, exit 1 (to be restarted)
+        rather than stay up unready forever."""
+        if not self.stop.is_set():
+            log.error("nats_connection_closed", error="the NATS client will not reconnect")
+            self._exit = 1
+            self.stop.set()
+
+    async def _readiness(self) -> tuple[str | None, str]:
+        return await self._ready() if self._ready is not None else ("starting", "")
 
     async def _serve_daemon(self, drain: bool) -> int:
         s = self.settings
@@ -121,6 +131,7 @@ class Daemon:
                     tls_ca=str(s.nats_tls_ca) if s.nats_tls_ca else None,
                     tls_cert=str(s.nats_tls_cert) if s.nats_tls_cert else None,
                     tls_key=str(s.nats_tls_key) if s.nats_tls_key else None,
+                    closed_cb=self._nats_closed,
                 ),
             )
             if nc is None:
@@ -129,13 +140,17 @@ class Daemon:
             try:
                 if await self._retry("streams", bus.ensure) is None:
                     return 0
+                if (too_big := self._too_big(bus)) is not None:
+                    log.error("payload_limits_do_not_fit", error=too_big)
+                    self.stop.set()  # (closing the client below is no further failure)
+                    return 1
                 await self._run_loops(store, bus, drain)
             finally:
                 await bus.close()
         finally:
             await store.close()
         log.info("stopped")
-        return 0
+        return self._exit
 
     async def _run_loops(self, store: PostgresFlowStore, bus: NatsBus, drain: bool) -> None:
         s, m = self.settings, self.metrics
@@ -152,6 +167,7 @@ class Daemon:
             cache_size=s.flow_cache,
             on_commit=committed,
             reserved_subjects=bus.subjects.reserved,
+            max_state_bytes=s.max_state_bytes,
         )
         engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
         dispatcher = Dispatcher(
@@ -167,14 +183,17 @@ class Daemon:
         await api.start()
         await relay.start()
 
-        async def ready() -> str | None:
+        async def ready() -> tuple[str | None, str]:
+            # Parked rows hold back their flows' events only: the daemon serves every other
+            # flow, so it stays ready, and says how many (also a gauge and a log line).
             try:
-                await store.ping()
+                parked = await store.outbox_parked_count()  # (also: PostgreSQL answers)
             except errors.StoreUnavailable as exc:
-                return f"postgres: {exc}"
-            return None if bus.connected else "nats: disconnected"
+                return f"postgres: {exc}", ""
+            return None if bus.connected else "nats: disconnected", f"outbox_parked: {parked}"
 
         m.gauges["outbox_backlog"] = lambda: _float(store.outbox_backlog())
+        m.gauges["outbox_parked"] = lambda: _float(store.outbox_parked_count())
         m.gauges["commands_pending"] = lambda: self._lag(bus, "cmd")
         m.gauges["observations_pending"] = lambda: self._lag(bus, "obs")
         self._ready = ready
@@ -283,6 +302,23 @@ class Daemon:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def _too_big(self, bus: NatsBus) -> str | None:
+        """Why the largest event flowd can make would not fit what NATS takes, or None.
+        (Dead letters need no check: they are cut to fit, NatsBus.publish_letter.)"""
+        s = self.settings
+        largest = largest_event_bytes(s.max_state_bytes, s.max_payload)
+        limit = bus.publish_limit()
+        if largest <= limit:
+            return None
+        return (
+            f"the largest event flowd can publish is {largest} bytes (FLOWD_MAX_STATE_BYTES "
+            f"{s.max_state_bytes} + 2 x max(FLOWD_MAX_PAYLOAD {s.max_payload}, "
+            f"FLOWD_MAX_STATE_BYTES) + {EVENT_OVERHEAD} for other fields and headers), over "
+            f"the {limit} bytes NATS takes (the server's max_payload {bus.nc.max_payload}, or "
+            "the events stream's max_msg_size): lower FLOWD_MAX_STATE_BYTES or "
+            "FLOWD_MAX_PAYLOAD, or raise the server's max_payload"
+        )
 
     def _limits(self) -> StreamLimits:
         s = self.settings

@@ -1,7 +1,8 @@
 """Counters for what the daemon did, and the HTTP endpoints that show them.
 
 ``/healthz`` answers 200 while the event loop runs; ``/readyz`` 200 only while PostgreSQL and
-NATS answer (503 otherwise, with the reason); ``/metrics`` is Prometheus text format. A tiny
+NATS answer (503 otherwise, with the reason), with details such as parked outbox rows (which
+do not make it unready); ``/metrics`` is Prometheus text format. A tiny
 asyncio HTTP/1.0 server: three read-only endpoints do not justify a web framework.
 """
 
@@ -69,7 +70,8 @@ def _labels(labels: Labels) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
 
 
-Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else the reason
+#: (None when ready, else the reason; detail lines shown either way)
+Readiness = Callable[[], Awaitable[tuple[str | None, str]]]
 
 
 async def serve_http(host: str, port: int, metrics: Metrics, ready: Readiness) -> asyncio.Server:
@@ -84,9 +86,10 @@ async def serve_http(host: str, port: int, metrics: Metrics, ready: Readiness) -
                 pass
             status, body, ctype = 200, "ok\n", "text/plain"
             if path == "/readyz":
-                reason = await ready()
+                reason, detail = await ready()
                 if reason is not None:
                     status, body = 503, f"not ready: {reason}\n"
+                body += f"{detail}\n" if detail else ""
             elif path == "/metrics":
                 body, ctype = await metrics.render(), "text/plain; version=0.0.4"
             elif path != "/healthz":

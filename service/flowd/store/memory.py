@@ -7,7 +7,6 @@ contract suite. Nothing survives the process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +15,14 @@ from uuid import UUID
 from flowd.core import errors
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
-from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
+from flowd.core.outbox import (
+    OutboxMessage,
+    ParkedRow,
+    Publish,
+    applied_outcome,
+    change_messages,
+    outcome_message,
+)
 from flowd.core.requests import FirstUse, Request, reused
 from flowd.core.status import FlowStatus
 from flowd.core.waits import Signal
@@ -33,6 +39,9 @@ class InMemoryFlowStore:
         self._outcomes: dict[str, JsonObject] = {}
         self._first_uses: dict[str, FirstUse] = {}
         self._outbox: list[OutboxMessage] | None = [] if outbox else None
+        self._parked: dict[int, tuple[str, datetime]] = {}  # row id -> (reason, since)
+        self._rows = 0  # outbox row ids handed out
+        self._turns = 0
         self._conditions: dict[UUID, list[list[Any]]] = {}  # [Condition, claimed_until]
         self._signals: dict[int, tuple[Signal, bool]] = {}  # id -> (signal, consumed)
         self._lock = asyncio.Lock()
@@ -76,7 +85,7 @@ class InMemoryFlowStore:
             if command_id is not None:
                 self._record(command_id, applied_outcome(change), flow.id, request)
             if self._outbox is not None:
-                self._outbox.extend(change_messages(change, command_id))
+                self._queue(change_messages(change, command_id))
 
     def _check_new(self, command_id: str, request: Request | None) -> None:
         if command_id in self._outcomes:
@@ -107,7 +116,7 @@ class InMemoryFlowStore:
             self._check_new(command_id, request)
             self._record(command_id, outcome, flow_id, request)
             if self._outbox is not None:
-                self._outbox.append(outcome_message(command_id, token, outcome))
+                self._queue([outcome_message(command_id, token, outcome)])
 
     async def get_outcome(self, command_id: str) -> JsonObject | None:
         return self._outcomes.get(command_id)
@@ -115,23 +124,76 @@ class InMemoryFlowStore:
     async def get_first_use(self, command_id: str) -> FirstUse | None:
         return self._first_uses.get(command_id)
 
-    async def drain_outbox(
-        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
-    ) -> int:
+    def _queue(self, messages: list[OutboxMessage]) -> None:
+        assert self._outbox is not None
+        for m in messages:
+            self._rows += 1
+            self._outbox.append(replace(m, row_id=self._rows))
+
+    async def drain_outbox(self, publish: Publish, *, limit: int = 256) -> int:
         if self._outbox is None or self._drain_lock.locked():
             return 0
         async with self._drain_lock:
-            batch = self._outbox[:limit]
-            if batch:
-                await publish(batch)
-                del self._outbox[: len(batch)]
+            if not self._turns:
+                self._turns = 1
+            blocked = {m.flow_key for m in self._outbox if m.row_id in self._parked}
+            batch = [m for m in self._outbox if m.flow_key not in blocked][:limit]
+            # (rows of a parked flow stay for an operator, as on PostgreSQL)
+            if not batch:
+                return 0
+            drained = await publish(batch)
+            parked = {} if drained is None else drained.parked
+            kept = frozenset() if drained is None else drained.kept
+            now = datetime.now(UTC)
+            for i, why in parked.items():
+                self._parked[batch[i].row_id] = (why, now)
+            sent = {m.row_id for i, m in enumerate(batch) if i not in parked and i not in kept}
+            self._outbox[:] = [m for m in self._outbox if m.row_id not in sent]
             return len(batch)
 
     def outbox_drained_elsewhere(self) -> bool:
         return False  # one process: nobody else drains
 
+    def outbox_turns(self) -> int:
+        return self._turns
+
+    async def outbox_holding(self, msg_ids: list[str]) -> set[str]:
+        return {m.msg_id for m in self._outbox or ()} & set(msg_ids)
+
+    async def outbox_parked(self, *, limit: int = MAX_PAGE) -> list[ParkedRow]:
+        rows = [self._parked_row(m, body=False) for m in self._outbox or ()]
+        return [r for r in rows if r is not None][: min(limit, MAX_PAGE)]
+
+    async def outbox_parked_count(self) -> int:
+        return len(self._parked)
+
+    async def outbox_parked_row(self, row_id: int) -> ParkedRow | None:
+        found = [m for m in self._outbox or () if m.row_id == row_id]
+        return self._parked_row(found[0], body=True) if found else None
+
+    async def outbox_unpark(self, row_id: int) -> bool:
+        return self._parked.pop(row_id, None) is not None
+
+    async def outbox_remove_parked(self, row_id: int) -> bool:
+        if self._parked.pop(row_id, None) is None:
+            return False
+        assert self._outbox is not None
+        self._outbox[:] = [m for m in self._outbox if m.row_id != row_id]
+        return True
+
+    def _parked_row(self, m: OutboxMessage, *, body: bool) -> ParkedRow | None:
+        if m.row_id not in self._parked:
+            return None
+        reason, since = self._parked[m.row_id]
+        text = m.text()
+        size = len(text.encode())
+        return ParkedRow(
+            m.row_id, m.topic, m.msg_id, m.command_id, size, reason, since, text if body else None
+        )
+
     async def outbox_backlog(self) -> int:
-        return len(self._outbox or ())
+        blocked = {m.flow_key for m in self._outbox or () if m.row_id in self._parked}
+        return sum(1 for m in self._outbox or () if m.flow_key not in blocked)
 
     async def list_flows(
         self,

@@ -7,7 +7,6 @@ one ``Change`` (flow row, events, step) atomically or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -15,7 +14,7 @@ from uuid import UUID
 
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
-from flowd.core.outbox import OutboxMessage
+from flowd.core.outbox import ParkedRow, Publish
 from flowd.core.requests import FirstUse, Request
 from flowd.core.status import FlowStatus
 from flowd.core.waits import Condition, Signal
@@ -81,13 +80,45 @@ class FlowStore(Protocol):
         """What the record of a processed command says about its first use, or None."""
         ...
 
-    async def drain_outbox(
-        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
-    ) -> int:
+    async def drain_outbox(self, publish: Publish, *, limit: int = 256) -> int:
         """Hand the oldest unsent outbox messages (in write order) to ``publish``; returns how
-        many. Once ``publish`` returns they are not handed out again: deleted at once, or
-        (PostgreSQL) by the next call or ``close``. If ``publish`` raises, they stay. Only
-        one drainer at a time across all processes (others get 0), so order holds."""
+        many. Rows that are parked, and every row of a flow (``core.outbox.flow_key``) that
+        has a parked row, are not handed out. Once ``publish`` returns, the rows its
+        ``Drained`` parks are parked, those it kept stay as they are, and the rest are not
+        handed out again: deleted at once, or (PostgreSQL) by the next call or ``close``. If
+        ``publish`` raises, they all stay. Only one drainer at a time across all processes
+        (others get 0), so order holds."""
+        ...
+
+    def outbox_turns(self) -> int:
+        """How many times this store took the drain lock. A new turn means rows published by
+        an earlier holder (or by this one before a failure) may not have been deleted."""
+        ...
+
+    async def outbox_holding(self, msg_ids: list[str]) -> set[str]:
+        """Which of ``msg_ids`` are message ids of rows still in the outbox (rarely asked:
+        it may read the whole outbox)."""
+        ...
+
+    async def outbox_parked(self, *, limit: int = MAX_PAGE) -> list[ParkedRow]:
+        """Parked rows, oldest first (without their bodies)."""
+        ...
+
+    async def outbox_parked_count(self) -> int:
+        """How many rows are parked."""
+        ...
+
+    async def outbox_parked_row(self, row_id: int) -> ParkedRow | None:
+        """The parked row ``row_id`` with its body, or None (no such row, or not parked)."""
+        ...
+
+    async def outbox_unpark(self, row_id: int) -> bool:
+        """Un-park row ``row_id`` (the relay tries it again); False if it is not parked."""
+        ...
+
+    async def outbox_remove_parked(self, row_id: int) -> bool:
+        """Delete the parked row ``row_id`` (its flow's later rows go out then); False if it
+        is not parked."""
         ...
 
     def outbox_drained_elsewhere(self) -> bool:
@@ -96,7 +127,8 @@ class FlowStore(Protocol):
         ...
 
     async def outbox_backlog(self) -> int:
-        """How many outbox messages wait to be published."""
+        """How many outbox messages wait to be published (not counting parked rows and the
+        rows of their flows, which wait for an operator)."""
         ...
 
     async def list_flows(

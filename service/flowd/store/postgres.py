@@ -22,7 +22,14 @@ import asyncpg
 from flowd.core import errors, jsontext
 from flowd.core.apply import Change
 from flowd.core.models import Flow, FlowEvent, FlowStep, JsonObject
-from flowd.core.outbox import OutboxMessage, applied_outcome, change_messages, outcome_message
+from flowd.core.outbox import (
+    OutboxMessage,
+    ParkedRow,
+    Publish,
+    applied_outcome,
+    change_messages,
+    outcome_message,
+)
 from flowd.core.requests import FirstUse, Request, reused
 from flowd.core.status import FlowStatus, FlowStepStatus, SyncMode
 from flowd.core.waits import Condition, Signal
@@ -226,17 +233,47 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::json[])"""
 # acked it), read the next rows in order. It runs on a connection of its own that holds a
 # session advisory lock (one drainer across all replicas, so per-flow order holds) and
 # commits without waiting for the WAL flush (synchronous_commit off): should PostgreSQL
-# crash and lose a delete, those rows are re-sent under the same Nats-Msg-Id, which
-# JetStream drops within its duplicate window. A publish that fails deletes nothing.
+# crash and lose a delete, those rows come back, and the relay (taking the lock again) finds
+# them stored in JetStream and deletes them unsent (daemon/relay.py). A publish that fails
+# deletes nothing.
+# Parked rows, and the rows of a flow with a parked row (the partial index, empty unless
+# something is parked), are left out.
 NEXT_OUTBOX: Final = """
 WITH sent AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]))
-SELECT id, topic, msg_id, command_id, body FROM outbox
-WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT $2"""
+SELECT id, topic, msg_id, command_id, body FROM outbox o
+WHERE id <> ALL($1::bigint[]) AND parked_at IS NULL
+  AND NOT EXISTS (
+      SELECT FROM outbox p
+      WHERE p.parked_at IS NOT NULL
+        AND lower(split_part(p.topic, '.', 2)) = lower(split_part(o.topic, '.', 2)))
+ORDER BY id LIMIT $2"""
+PARK: Final = """
+UPDATE outbox SET parked_at = now(), parked_reason = r.reason
+FROM unnest($1::bigint[], $2::text[]) AS r (id, reason) WHERE outbox.id = r.id"""
+HOLDING: Final = "SELECT msg_id FROM outbox WHERE msg_id = ANY($1::text[])"
+LIST_PARKED: Final = """
+SELECT id, topic, msg_id, command_id, octet_length(body::text) AS size, parked_reason,
+       parked_at, NULL::text AS body
+FROM outbox WHERE parked_at IS NOT NULL ORDER BY id LIMIT $1"""
+COUNT_PARKED: Final = "SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL"
+PARKED_ROW: Final = """
+SELECT id, topic, msg_id, command_id, octet_length(body::text) AS size, parked_reason,
+       parked_at, body::text AS body
+FROM outbox WHERE id = $1 AND parked_at IS NOT NULL"""
+UNPARK: Final = """
+UPDATE outbox SET parked_at = NULL, parked_reason = NULL WHERE id = $1 AND parked_at IS NOT NULL"""
+REMOVE_PARKED: Final = "DELETE FROM outbox WHERE id = $1 AND parked_at IS NOT NULL"
 DELETE_SENT: Final = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 TRY_DRAIN_LOCK: Final = "SELECT pg_try_advisory_lock($1)"
 DRAIN_UNLOCK: Final = "SELECT pg_advisory_unlock($1)"
 ASYNC_COMMIT: Final = "SET synchronous_commit = off"
-COUNT_OUTBOX: Final = "SELECT count(*) FROM outbox"
+COUNT_OUTBOX: Final = """
+SELECT count(*) FROM outbox o
+WHERE parked_at IS NULL
+  AND NOT EXISTS (
+      SELECT FROM outbox p
+      WHERE p.parked_at IS NOT NULL
+        AND lower(split_part(p.topic, '.', 2)) = lower(split_part(o.topic, '.', 2)))"""
 
 # -- the wait engine --------------------------------------------------------------------------
 DELETE_CONDITIONS: Final = "DELETE FROM wait_conditions WHERE flow_id = $1"
@@ -731,15 +768,46 @@ class PostgresFlowStore:
             return None
         return FirstUse(row["verb"], row["request_digest"], row["flow_id"], row["created_at"])
 
-    async def drain_outbox(
-        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], *, limit: int = 256
-    ) -> int:
+    async def drain_outbox(self, publish: Publish, *, limit: int = 256) -> int:
         """Publish the next rows (deleting those the last call published); 0 when there
         are none, or another relay (this process's or another's) is draining."""
         return await self._drainer.drain(publish, limit)
 
     def outbox_drained_elsewhere(self) -> bool:
         return self._drainer.elsewhere
+
+    def outbox_turns(self) -> int:
+        return self._drainer.turns
+
+    async def outbox_holding(self, msg_ids: list[str]) -> set[str]:
+        async with _translated():
+            rows = await self._pool.fetch(HOLDING, msg_ids)
+        return {r["msg_id"] for r in rows}
+
+    async def outbox_parked(self, *, limit: int = MAX_PAGE) -> list[ParkedRow]:
+        async with _translated():
+            rows = await self._pool.fetch(LIST_PARKED, min(limit, MAX_PAGE))
+        return [_parked(r) for r in rows]
+
+    async def outbox_parked_count(self) -> int:
+        async with _translated():
+            count: int = await self._pool.fetchval(COUNT_PARKED)
+        return count
+
+    async def outbox_parked_row(self, row_id: int) -> ParkedRow | None:
+        async with _translated():
+            row = await self._pool.fetchrow(PARKED_ROW, row_id)
+        return None if row is None else _parked(row)
+
+    async def outbox_unpark(self, row_id: int) -> bool:
+        async with _translated():
+            status = await self._pool.execute(UNPARK, row_id)
+        return bool(status == "UPDATE 1")
+
+    async def outbox_remove_parked(self, row_id: int) -> bool:
+        async with _translated():
+            status = await self._pool.execute(REMOVE_PARKED, row_id)
+        return bool(status == "DELETE 1")
 
     async def outbox_backlog(self) -> int:
         async with _translated():
@@ -848,6 +916,19 @@ def _aware(at: datetime | None) -> datetime | None:
 def _request_args(request: Request | None) -> tuple[str | None, str | None]:
     """The verb and digest columns of a processed-command record."""
     return (None, None) if request is None else (request.verb, request.digest)
+
+
+def _parked(row: Mapping[str, Any]) -> ParkedRow:
+    return ParkedRow(
+        row["id"],
+        row["topic"],
+        row["msg_id"],
+        row["command_id"],
+        row["size"],
+        row["parked_reason"],
+        row["parked_at"],
+        row["body"],
+    )
 
 
 def _flow(row: Mapping[str, Any]) -> Flow:
@@ -1087,10 +1168,9 @@ class _Drainer:
         self._sent: list[int] = []
         self._busy = asyncio.Lock()
         self.elsewhere = False  # the last try found the drain lock held by another session
+        self.turns = 0  # times the drain lock was taken
 
-    async def drain(
-        self, publish: Callable[[list[OutboxMessage]], Awaitable[None]], limit: int
-    ) -> int:
+    async def drain(self, publish: Publish, limit: int) -> int:
         if self._busy.locked():
             return 0
         async with self._busy:
@@ -1107,14 +1187,29 @@ class _Drainer:
             if not rows:
                 return 0
             batch = [
-                OutboxMessage(r["topic"], r["msg_id"], r["command_id"], r["body"]) for r in rows
+                OutboxMessage(r["topic"], r["msg_id"], r["command_id"], r["body"], r["id"])
+                for r in rows
             ]
             try:
-                await publish(batch)
+                drained = await publish(batch)
             except BaseException:
                 await self._let_go()  # another replica may publish them meanwhile
                 raise
-            self._sent = [r["id"] for r in rows]
+            if drained is None:
+                self._sent = [r["id"] for r in rows]
+                return len(rows)
+            if drained.parked:
+                parked = sorted(drained.parked.items())
+                async with _translated():
+                    try:
+                        await conn.execute(
+                            PARK, [rows[i]["id"] for i, _ in parked], [why for _, why in parked]
+                        )
+                    except BaseException:
+                        await self._drop()  # the rest is re-read (and re-parked) next turn
+                        raise
+            settled = drained.parked.keys() | drained.kept
+            self._sent = [r["id"] for i, r in enumerate(rows) if i not in settled]
             return len(rows)
 
     async def _connection(self) -> asyncpg.Connection[Any] | None:
@@ -1127,6 +1222,7 @@ class _Drainer:
                 if not self._locked:
                     self._locked = await self._conn.fetchval(TRY_DRAIN_LOCK, OUTBOX_LOCK_KEY)
                     self.elsewhere = not self._locked
+                    self.turns += self._locked
             except BaseException:
                 await self._drop()
                 raise

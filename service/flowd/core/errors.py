@@ -170,3 +170,10 @@ class StoreUnavailable(FlowError):
 
     code = "store_unavailable"
     transient = True
+
+
+class Misconfigured(Exception):
+    """flowd cannot run as configured and retrying will not help: NATS or PostgreSQL refused
+    its credentials or TLS, or a name it would use (a stream, a database) belongs to another
+    prefix. ``flowd run`` logs the one-line message and exits 1. Not a ``FlowError``: it never
+    reaches the wire."""

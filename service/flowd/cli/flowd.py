@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="flows applied at once (default 128) [FLOWD_CONCURRENCY]"
     )
     run.add_argument(
+        "--api-concurrency",
+        type=int,
+        help="P.api.* requests served at once, more get a `busy` reply (default 64) "
+        "[FLOWD_API_CONCURRENCY]",
+    )
+    run.add_argument(
         "--batch",
         type=int,
         help="messages in flight per consumer, its max_ack_pending (default 128) [FLOWD_BATCH]",
@@ -118,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             http_port=args.http_port,
             concurrency=args.concurrency,
+            api_concurrency=args.api_concurrency,
             batch=args.batch,
             log_format=args.log_format,
             migrate=False if args.no_migrate else None,

@@ -12,9 +12,11 @@
     ├── InvalidInput                "invalid_input"        errors (field -> message)
     └── DuplicateCommand            "duplicate_command"    command_id, outcome
     StoreUnavailable                "store_unavailable"    transient; retry later
+    Busy                            "busy"                 limit; transient (API only)
 
 ``StoreUnavailable`` is a ``FlowError`` too so callers can catch one base class, but it is the
-only *transient* one: the daemon retries it, every other code is final for that input.
+only *transient* one the daemon meets: it retries it, every other code is final for that
+input. ``Busy`` is an API reply only (too many requests in flight): the client retries it.
 """
 
 from __future__ import annotations
@@ -177,3 +179,17 @@ class Misconfigured(Exception):
     its credentials or TLS, or a name it would use (a stream, a database) belongs to another
     prefix. ``flowd run`` logs the one-line message and exits 1. Not a ``FlowError``: it never
     reaches the wire."""
+
+
+class Busy(FlowError):
+    """flowd is serving as many API requests as it may at once; retry shortly."""
+
+    code = "busy"
+    transient = True
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"{limit} API requests in flight already; retry shortly")
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit}

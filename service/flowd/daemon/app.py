@@ -185,7 +185,7 @@ class Daemon:
             max_deliver=s.max_deliver,
             stopping=self.stop,
         )
-        api = Api(manager, bus, m, max_payload=s.max_payload)
+        api = Api(manager, bus, m, max_payload=s.max_payload, concurrency=s.api_concurrency)
         await api.start()
         await relay.start()
 
@@ -227,6 +227,7 @@ class Daemon:
                 await relay_task
         finally:
             self._ready = None
+            await api.close()
 
     async def _lag(self, bus: NatsBus, kind: str) -> float:
         """Messages not yet delivered, over every consumer of ``kind``."""

@@ -177,7 +177,9 @@ async def connect(
 
 def redact(url: str) -> str:
     """``url`` (comma-separated servers) without user, password or token."""
-    return ",".join(re.sub(r"^([a-z]+://)[^@/]*@", r"\1", u.strip()) for u in url.split(","))
+    return ",".join(
+        re.sub(r"^([a-z][a-z0-9+.-]*://)?[^@/]*@", r"\1", u.strip()) for u in url.split(",")
+    )
 
 
 def _refusal(exc: BaseException) -> str | None:

@@ -282,13 +282,13 @@ class Daemon:
         database_url, nats_url = s.database_url, s.nats_url
         if database_url is None:
             pg = embedded.EmbeddedPostgres(s.data_dir / "postgres")
+            self._servers.append(pg)  # first: a stop while it starts must end it too
             database_url = await asyncio.to_thread(pg.start)
-            self._servers.append(pg)
             log.info("embedded_postgres_started", url=database_url)
         if nats_url is None:
             server = embedded.EmbeddedNats(s.data_dir / "nats")
-            nats_url = await asyncio.to_thread(server.start)
             self._servers.append(server)
+            nats_url = await asyncio.to_thread(server.start)
             log.info("embedded_nats_started", url=nats_url)
         if self._servers:
             _write_env(s.data_dir / "urls.env", nats_url, database_url)

@@ -406,6 +406,7 @@ class PostgresFlowStore:
             await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
             try:
                 await conn.execute(CREATE_MIGRATIONS_TABLE)
+                await conn.execute(CREATE_DEPLOYMENT_TABLE)  # bound by the first daemon
                 applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
                 for m in migrate.pending(migrations, applied):
                     try:
@@ -444,9 +445,15 @@ class PostgresFlowStore:
                 await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
                 try:
                     if not await conn.fetchval(DEPLOYMENT_TABLE_EXISTS):
-                        await conn.execute(CREATE_DEPLOYMENT_TABLE)
+                        await conn.execute(CREATE_DEPLOYMENT_TABLE)  # migrated by an older flowd
                     await conn.execute(BIND_PREFIX, prefix)
                     bound = await conn.fetchval(BOUND_PREFIX)
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    raise errors.Misconfigured(
+                        f"cannot bind this database to prefix {prefix!r} ({exc}): run "
+                        "`flowd migrate` as the schema's owner, and grant this role INSERT "
+                        "on flowd_deployment"
+                    ) from exc
                 finally:
                     await conn.execute(UNLOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
         if bound != prefix:

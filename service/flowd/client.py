@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -457,16 +458,23 @@ class FlowClient:
 
     # -- queries --------------------------------------------------------------------------------
     async def _request(self, op: str, body: Json) -> Any:
+        """One query; a ``busy`` reply (flowd serves FLOWD_API_CONCURRENCY requests already)
+        is asked again after a growing pause, until ``request_timeout`` has passed."""
         subject = self.subjects.api(op)
-        with _translated(subject):
-            msg = await self._nc.request(subject, _encode(body), timeout=self.request_timeout)
-        reply = _decode(msg)
-        if reply.get("ok"):
-            return reply.get("result")
-        error = reply.get("error") or {}
-        raise FlowdError(
-            error.get("code", "internal"), error.get("message", "error reply"), error.get("details")
-        )
+        loop = asyncio.get_running_loop()
+        give_up, pause = loop.time() + self.request_timeout, 0.01
+        while True:
+            with _translated(subject):
+                msg = await self._nc.request(subject, _encode(body), timeout=self.request_timeout)
+            reply = _decode(msg)
+            if reply.get("ok"):
+                return reply.get("result")
+            error = reply.get("error") or {}
+            code = error.get("code", "internal")
+            if code != "busy" or loop.time() + pause >= give_up:
+                raise FlowdError(code, error.get("message", "error reply"), error.get("details"))
+            await asyncio.sleep(pause * (0.5 + random.random()))  # (jitter: not all at once)
+            pause = min(pause * 2, 1.0)
 
     async def get(self, flow_id: FlowId) -> Json:
         """The flow (raises FlowdError ``not_found``)."""

@@ -25,6 +25,7 @@ ENV: dict[str, str] = {
     "http_port": "FLOWD_HTTP_PORT",
     "batch": "FLOWD_BATCH",
     "concurrency": "FLOWD_CONCURRENCY",
+    "api_concurrency": "FLOWD_API_CONCURRENCY",
     "pool_size": "FLOWD_POOL_SIZE",
     "flow_cache": "FLOWD_FLOW_CACHE",
     "max_payload": "FLOWD_MAX_PAYLOAD",
@@ -68,6 +69,9 @@ class Settings(BaseModel):
     http_port: int = Field(8321, ge=0, le=65535, description="port of the HTTP endpoints; 0: off")
     batch: int = Field(128, ge=1, le=4096, description="messages in flight per consumer")
     concurrency: int = Field(128, ge=1, le=1024, description="flows processed at once")
+    api_concurrency: int = Field(
+        64, ge=1, le=10_000, description="P.api requests served at once; beyond: `busy`"
+    )
     pool_size: int = Field(10, ge=2, le=200, description="PostgreSQL connections")
     flow_cache: int = Field(
         10_000, ge=0, description="flows kept in memory to skip the read before a write; 0: off"

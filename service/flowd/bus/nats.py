@@ -11,6 +11,7 @@ import collections
 import contextlib
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -27,7 +28,7 @@ from nats.js.client import JetStreamContext
 from flowd.aio import Wakeup
 from flowd.bus import subjects as names
 from flowd.bus.subjects import Subjects
-from flowd.core import jsontext
+from flowd.core import errors, jsontext
 from flowd.core.outbox import Drained, OutboxMessage
 
 Message = Msg
@@ -102,6 +103,38 @@ class StreamLimits:
     max_ack_pending: int = 1024
 
 
+#: Stream metadata key naming the prefix whose daemon created the stream (nats-server >= 2.10
+#: keeps stream metadata; 2.9 accepts and drops it, so the description says it as well).
+OWNER_KEY = "flowd_prefix"
+OWNER_TAG = "flowd prefix="
+
+
+def stream_owner(config: api.StreamConfig) -> str | None:
+    """The prefix a stream is tagged with (metadata, else description), or None."""
+    owner = (config.metadata or {}).get(OWNER_KEY)
+    if owner is None and (config.description or "").startswith(OWNER_TAG):
+        owner = (config.description or "").removeprefix(OWNER_TAG)
+    return owner
+
+
+def check_owner(existing: api.StreamConfig, wanted: api.StreamConfig, prefix: str) -> None:
+    """errors.Misconfigured unless the stream ``existing`` may be rewritten as ``wanted`` by
+    the daemon of ``prefix``: tagged with ``prefix``, or untagged (made by a flowd from before
+    tags, or by hand) with exactly the subjects ``wanted`` has."""
+    owner = stream_owner(existing)
+    if owner is None:
+        subjects = list(existing.subjects or [])
+        if sorted(subjects) == sorted(wanted.subjects or []):
+            return  # adopted: the update tags it
+        owner = ",".join(sorted({s.split(".")[0] for s in subjects})) or "(no subjects)"
+    if owner != prefix:
+        raise errors.Misconfigured(
+            f"NATS stream {existing.name} belongs to prefix {owner!r}, not to this daemon's "
+            f"{prefix!r} (both prefixes map to the same stream names): give one of them a "
+            "prefix that maps to other names (upper-cased, '-' read as '_')"
+        )
+
+
 async def connect(
     url: str,
     *,
@@ -112,20 +145,42 @@ async def connect(
     tls_key: str | None = None,
     closed_cb: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
-    """A NATS connection that reconnects forever (the daemon must outlive NATS outages).
+    """A NATS connection that, once made, reconnects forever (the daemon must outlive NATS
+    outages). The first connect tries each server at most twice: unreachable ->
+    ``BusUnavailable`` (the caller retries with backoff); credentials or TLS refused ->
+    ``errors.Misconfigured`` (retrying cannot help). nats-py's own error logging (a traceback
+    per attempt) is replaced by ``_ErrorLog``: at most one line per ``LOG_EVERY`` seconds.
     ``closed_cb``: called if it closes for good anyway (the server refused a message of the
     protocol, e.g. one over its max_payload, which flowd never sends)."""
-    tls: ssl.SSLContext | None = None
-    if tls_ca or tls_cert:
-        tls = ssl.create_default_context(cafile=tls_ca)
-        if tls_cert:
-            tls.load_cert_chain(tls_cert, tls_key)
+    where = redact(url)
+    seen: list[BaseException] = []  # the first connect's errors: what to tell the caller
+    error_log = _ErrorLog(where)
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if not connected:  # the first connect: what it raises says it all
+            if len(seen) < 100:
+                seen.append(exc)
+        else:
+            error_log(exc)
+
+    try:
+        tls: ssl.SSLContext | None = None
+        if tls_ca or tls_cert:
+            tls = ssl.create_default_context(cafile=tls_ca)
+            if tls_cert:
+                tls.load_cert_chain(tls_cert, tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.Misconfigured(f"NATS TLS files: {exc}") from exc
     options: dict[str, Any] = {
         "servers": [u.strip() for u in url.split(",") if u.strip()],
         "name": name,
-        "max_reconnect_attempts": -1,
+        # The first connect only: set to reconnect forever once connected (below).
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
+        "error_cb": on_error,
     }
     if creds:
         options["user_credentials"] = creds
@@ -136,9 +191,62 @@ async def connect(
     nc = _LenientClient()
     try:
         await nc.connect(**options)
-        return nc
-    except (OSError, nats.errors.Error) as exc:
-        raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        refusal = next(filter(None, map(_refusal, [exc, *seen])), None)
+        if refusal is not None:
+            raise errors.Misconfigured(f"NATS at {where} refused flowd: {refusal}") from exc
+        last = seen[-1] if seen and isinstance(exc, nats.errors.NoServersError) else exc
+        raise BusUnavailable(f"cannot connect to NATS at {where}: {last!r}") from exc
+    connected = True
+    seen.clear()
+    nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def redact(url: str) -> str:
+    """``url`` (comma-separated servers) without user, password or token."""
+    return ",".join(
+        re.sub(r"^([a-z][a-z0-9+.-]*://)?[^@/]*@", r"\1", u.strip()) for u in url.split(",")
+    )
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """Why the server will never accept this client as configured (TLS, credentials, a
+    credentials file that cannot be read), or None: worth trying again."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"credentials: {exc}"
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.AuthorizationError) or any(
+        word in text for word in ("authorization violation", "authentication", "bad credentials")
+    ):
+        return "authorization violation (user, password, token or credentials)"
+    return None
+
+
+#: Seconds between two log lines about a NATS connection that keeps failing.
+LOG_EVERY = 30.0
+
+
+class _ErrorLog:
+    """nats-py's error callback, rate-limited: the first error, then at most one line per
+    ``LOG_EVERY`` seconds saying how many were suppressed (an unreachable server fails
+    every half second, forever)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def __call__(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        log.warning("nats_error", server=self.where, error=repr(exc), suppressed=self.suppressed)
+        self.next_at, self.suppressed = now + LOG_EVERY, 0
 
 
 class _LenientClient(Client):
@@ -196,6 +304,8 @@ class NatsBus:
             return api.StreamConfig(
                 name=name,
                 subjects=subjects,
+                description=OWNER_TAG + s.prefix,
+                metadata={OWNER_KEY: s.prefix},
                 max_age=max_age,
                 num_replicas=lim.replicas,
                 storage=api.StorageType.FILE,
@@ -230,10 +340,7 @@ class NatsBus:
         ]
         async with _translated():
             for config in streams:
-                try:
-                    info = await self.js.add_stream(config)
-                except nats.js.errors.BadRequestError:
-                    info = await self.js.update_stream(config)
+                info = await self._claim(config)
                 if config.name == s.evt_stream:
                     self._evt_max_msg = int(info.config.max_msg_size or -1)
             consumers: list[tuple[str, str, str | None, Gaps]] = [
@@ -267,6 +374,19 @@ class NatsBus:
                     self._subs[durable] = await pull.start()
                 self._streams[durable] = stream
         return self
+
+    async def _claim(self, config: api.StreamConfig) -> api.StreamInfo:
+        """Create the stream of ``config``, or update it if it is this prefix's (``check_owner``:
+        errors.Misconfigured if it is another's); its info as it is now."""
+        try:
+            info = await self.js.stream_info(config.name or "")
+        except nats.js.errors.NotFoundError:
+            try:
+                return await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:  # made meanwhile: by whom?
+                info = await self.js.stream_info(config.name or "")
+        check_owner(info.config, config, self.subjects.prefix)
+        return await self.js.update_stream(config)
 
     async def fetch(self, durable: str, batch: int, wait: float, *, idle: bool = True) -> list[Msg]:
         """The messages that have arrived, as soon as there is one (at most ``batch`` are

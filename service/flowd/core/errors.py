@@ -15,9 +15,11 @@
     ├── IdempotencyConflict         "idempotency_conflict" command_id, first (verb, flow_id, at)
     └── Internal                    "internal"             error (the exception's type)
     StoreUnavailable                "store_unavailable"    transient; retry later
+    Busy                            "busy"                 limit; transient (API only)
 
 ``StoreUnavailable`` is a ``FlowError`` too so callers can catch one base class, but it is the
-only *transient* one: the daemon retries it, every other code is final for that input.
+only *transient* one the daemon meets: it retries it, every other code is final for that
+input. ``Busy`` is an API reply only (too many requests in flight): the client retries it.
 """
 
 from __future__ import annotations
@@ -220,3 +222,24 @@ class StoreUnavailable(FlowError):
 
     code = "store_unavailable"
     transient = True
+
+
+class Misconfigured(Exception):
+    """flowd cannot run as configured and retrying will not help: NATS or PostgreSQL refused
+    its credentials or TLS, or a name it would use (a stream, a database) belongs to another
+    prefix. ``flowd run`` logs the one-line message and exits 1. Not a ``FlowError``: it never
+    reaches the wire."""
+
+
+class Busy(FlowError):
+    """flowd is serving as many API requests as it may at once; retry shortly."""
+
+    code = "busy"
+    transient = True
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"{limit} API requests in flight already; retry shortly")
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit}

@@ -8,6 +8,7 @@ Every request gets exactly one reply: ``{"ok": true, "result": …}`` or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Annotated, Any, TypeVar
@@ -105,14 +106,38 @@ class Api:
         metrics: Metrics,
         *,
         max_payload: int,
+        concurrency: int = 64,
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.metrics = metrics
         self.max_payload = max_payload
+        self.concurrency = concurrency
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self.bus.serve(self.bus.subjects.api_all, self.handle)
+        await self.bus.serve(self.bus.subjects.api_all, self.admit)
+
+    async def admit(self, msg: Message) -> None:
+        """Serve ``msg`` in a task of its own (a slow request delays no other), up to
+        ``concurrency`` at once; beyond that, reply ``busy`` at once. Requests in flight
+        wait for a PostgreSQL connection in the pool's queue: that is the queue."""
+        if len(self._in_flight) >= self.concurrency:
+            self.metrics.inc("api_busy_total")
+            if msg.reply:
+                body, headers = _error_reply(errors.Busy(self.concurrency))
+                await self.bus.reply(msg, json.dumps(body, separators=(",", ":")).encode(), headers)
+            return
+        task = asyncio.create_task(self.handle(msg))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout``) for the requests in flight, then cancel the rest."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=timeout)
+        for task in list(self._in_flight):
+            task.cancel()
 
     async def handle(self, msg: Message) -> None:
         tokens = self.bus.subjects.relative(msg.subject)[1:]  # after "api"
@@ -120,8 +145,7 @@ class Api:
             result = await self._route(tokens, msg)
             body, headers = {"ok": True, "result": result}, None
         except errors.FlowError as exc:
-            body = {"ok": False, "error": _error(exc)}
-            headers = {names.SERVICE_ERROR_CODE: exc.code, names.SERVICE_ERROR: exc.message[:200]}
+            body, headers = _error_reply(exc)
         except Exception as exc:
             log.exception("api_crashed", subject=msg.subject)
             # The exception's type only: its text may quote the request or the database.
@@ -294,6 +318,12 @@ def _fitting(
 
 def _error(exc: errors.FlowError) -> JsonObject:
     return {"code": exc.code, "message": exc.message, "details": exc.details()}
+
+
+def _error_reply(exc: errors.FlowError) -> tuple[JsonObject, dict[str, str]]:
+    """The body and headers of an error reply."""
+    body: JsonObject = {"ok": False, "error": _error(exc)}
+    return body, {names.SERVICE_ERROR_CODE: exc.code, names.SERVICE_ERROR: exc.message[:200]}
 
 
 class _Replayed(errors.FlowError):

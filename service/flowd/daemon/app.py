@@ -3,14 +3,22 @@
 Start-up: (embedded servers) -> PostgreSQL pool -> migrate or check -> NATS, streams and
 consumers -> manager, dispatcher, outbox relay, API, HTTP endpoints. SIGTERM/SIGINT: stop
 fetching, finish the command each flow is applying (hand the rest back to JetStream, in
-order), flush the outbox, drain NATS, exit 0.
+order), flush the outbox, drain NATS, exit 0. In every state, waiting for a dependency
+included, the process ends within ``STOP_GRACE`` seconds of the signal; past it, it exits 1
+without finishing (nothing is lost: unacked messages are redelivered, outbox rows stay).
+A configuration that cannot work (``errors.Misconfigured``: credentials or TLS refused, names
+owned by another prefix) is one log line and exit 1 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +45,11 @@ from flowd.store.postgres import PostgresFlowStore
 log = structlog.get_logger("flowd")
 T = TypeVar("T")
 
+#: Seconds from SIGTERM/SIGINT to the end of the process, whatever it is doing.
+STOP_GRACE = 15.0
+#: Longest gap between two log lines about a dependency that stays unreachable.
+LOG_EVERY = 30.0
+
 
 class Daemon:
     """One ``flowd run`` process."""
@@ -50,6 +63,8 @@ class Daemon:
         self._database_url = ""
         self._ready: Readiness | None = None
         self._exit = 0  # the exit code once stopped
+        self._overdue: threading.Timer | None = None
+        self._closing = False  # the daemon closes its NATS client itself
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -61,15 +76,33 @@ class Daemon:
         except MigrationError as exc:
             log.error("schema_mismatch", error=str(exc))
             return 1
+        except errors.Misconfigured as exc:
+            log.error("refused_to_start", error=str(exc))
+            return 1
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             for server in reversed(self._servers):
                 await asyncio.to_thread(server.stop)
+            if self._overdue is not None:
+                self._overdue.cancel()
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("stopping", signal=sig.name)
+        log.info("stopping", signal=sig.name, grace=STOP_GRACE)
         self.stop.set()
+        if self._overdue is None:  # a thread: it fires even if the event loop is stuck
+            self._overdue = threading.Timer(STOP_GRACE, self._stop_overdue)
+            self._overdue.daemon = True
+            self._overdue.start()
+
+    def _stop_overdue(self) -> None:
+        """STOP_GRACE passed since the signal: end the process now (and embedded servers)."""
+        log.error("stop_overdue", grace=STOP_GRACE)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.kill()
+        sys.stdout.flush()
+        os._exit(1)
 
     async def _serve(self, drain: bool) -> int:
         """HTTP endpoints first (liveness answers while dependencies are awaited), then
@@ -88,7 +121,7 @@ class Daemon:
     async def _nats_closed(self) -> None:
         """The NATS client closed for good while serving: stop, exit 1 (to be restarted)
         rather than stay up unready forever."""
-        if not self.stop.is_set():
+        if not self.stop.is_set() and not self._closing:
             log.error("nats_connection_closed", error="the NATS client will not reconnect")
             self._exit = 1
             self.stop.set()
@@ -123,6 +156,8 @@ class Daemon:
                     return 0
                 if pending:
                     raise MigrationError(f"pending migrations: {', '.join(pending)}")
+            if await self._retry("postgres", lambda: store.bind_prefix(s.prefix)) is None:
+                return 0
             nc = await self._retry(
                 "nats",
                 lambda: connect(
@@ -146,6 +181,7 @@ class Daemon:
                     return 1
                 await self._run_loops(store, bus, drain)
             finally:
+                self._closing = True  # (its close callback is no failure then)
                 await bus.close()
         finally:
             await store.close()
@@ -179,7 +215,7 @@ class Daemon:
             max_deliver=s.max_deliver,
             stopping=self.stop,
         )
-        api = Api(manager, bus, m, max_payload=s.max_payload)
+        api = Api(manager, bus, m, max_payload=s.max_payload, concurrency=s.api_concurrency)
         await api.start()
         await relay.start()
 
@@ -224,6 +260,7 @@ class Daemon:
                 await relay_task
         finally:
             self._ready = None
+            await api.close()
 
     async def _lag(self, bus: NatsBus, kind: str) -> float:
         """Messages not yet delivered, over every consumer of ``kind``."""
@@ -278,26 +315,31 @@ class Daemon:
         database_url, nats_url = s.database_url, s.nats_url
         if database_url is None:
             pg = embedded.EmbeddedPostgres(s.data_dir / "postgres")
+            self._servers.append(pg)  # first: a stop while it starts must end it too
             database_url = await asyncio.to_thread(pg.start)
-            self._servers.append(pg)
             log.info("embedded_postgres_started", url=database_url)
         if nats_url is None:
             server = embedded.EmbeddedNats(s.data_dir / "nats")
-            nats_url = await asyncio.to_thread(server.start)
             self._servers.append(server)
+            nats_url = await asyncio.to_thread(server.start)
             log.info("embedded_nats_started", url=nats_url)
         if self._servers:
             _write_env(s.data_dir / "urls.env", nats_url, database_url)
         return database_url, nats_url
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
-        """``call()`` until it works, backing off; None if stopped first."""
-        delay = 0.2
+        """``call()`` until it works, backing off (up to 5 s); None if stopped first, also
+        in the middle of a call. Failures are logged with growing gaps, at most one line per
+        ``LOG_EVERY`` seconds."""
+        delay, failures, gap, log_at = 0.2, 0, 1.0, 0.0
         while not self.stop.is_set():
             try:
-                return await call()
+                return await self._unless_stopped(call())
             except (errors.StoreUnavailable, BusUnavailable) as exc:
-                log.warning("waiting_for", dependency=what, error=str(exc), retry_in=delay)
+                failures += 1
+                if (now := time.monotonic()) >= log_at:
+                    log.warning("waiting_for", dependency=what, error=str(exc), failures=failures)
+                    log_at, gap = now + gap, min(gap * 2, LOG_EVERY)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
@@ -319,6 +361,23 @@ class Daemon:
             "the events stream's max_msg_size): lower FLOWD_MAX_STATE_BYTES or "
             "FLOWD_MAX_PAYLOAD, or raise the server's max_payload"
         )
+
+    async def _unless_stopped(self, work: Awaitable[T]) -> T | None:
+        """The result of ``work``, or None once a signal came first (``work`` is then
+        cancelled: a connect or a lock wait must not hold the process)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure while being cancelled is of no interest
+        return None
 
     def _limits(self) -> StreamLimits:
         s = self.settings

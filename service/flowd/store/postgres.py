@@ -62,6 +62,18 @@ TABLE_EXISTS: Final = "SELECT to_regclass('flowd_migrations') IS NOT NULL"
 RECORD_MIGRATION: Final = (
     "INSERT INTO flowd_migrations (version, name, checksum) VALUES ($1, $2, $3)"
 )
+# The subject prefix a database belongs to: bookkeeping like flowd_migrations (made here, not
+# by a migration file), written by the first daemon that starts on the database.
+BIND_PREFIX: Final = "INSERT INTO flowd_deployment (prefix) VALUES ($1) ON CONFLICT DO NOTHING"
+BOUND_PREFIX: Final = "SELECT prefix FROM flowd_deployment"
+CURRENT_SCHEMA: Final = "SELECT current_schema()"
+# Schemas of this database (other than the one in use) holding flowd's tables: advisory locks
+# (migrations, the outbox relay, partition leases) are per database, so two deployments in two
+# schemas of one database would take each other's locks.
+OTHER_FLOWD_SCHEMAS: Final = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = 'flowd_migrations' AND c.relkind = 'r' AND n.nspname <> current_schema()
+ORDER BY 1"""
 
 # -- flows ------------------------------------------------------------------------------------
 SELECT_FLOW: Final = """
@@ -423,14 +435,22 @@ class PostgresFlowStore:
     ) -> PostgresFlowStore:
         """Open a pool on ``dsn``; with ``run_migrations`` apply pending migrations first.
         With ``outbox`` every change also queues its event messages (the daemon's mode)."""
+        # Refused at the first connect: misconfigured, fail fast. (Refused later, e.g. while a
+        # password is rotated, the same errors are StoreUnavailable: commands wait.)
         async with _translated():
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                init=_init_connection,
-                reset=_keep_session,
-            )
+            try:
+                pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    init=_init_connection,
+                    reset=_keep_session,
+                )
+            except (
+                asyncpg.InvalidAuthorizationSpecificationError,  # no such role, wrong password
+                asyncpg.InvalidCatalogNameError,  # no such database
+            ) as exc:
+                raise errors.Misconfigured(f"PostgreSQL refused flowd: {exc}") from exc
         store = cls(pool, outbox=outbox, dsn=dsn)
         if run_migrations:
             await store.migrate()
@@ -447,6 +467,7 @@ class PostgresFlowStore:
         migrations = migrate.load()
         done: list[str] = []
         async with _translated(), self._pool.acquire() as conn:
+            await _sole_deployment(conn)
             await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
             try:
                 if not await conn.fetchval(TABLE_EXISTS):  # (no write when there is one:
@@ -475,6 +496,33 @@ class PostgresFlowStore:
             if await conn.fetchval(TABLE_EXISTS):
                 applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
         return [f"{m.version:04d}_{m.name}" for m in migrate.pending(migrate.load(), applied)]
+
+    async def bind_prefix(self, prefix: str) -> str:
+        """Bind the database to ``prefix`` if it is not bound yet (under the migration lock),
+        and return it; errors.Misconfigured if it belongs to another prefix, or if another
+        schema of the database holds a flowd deployment too (one deployment per database)."""
+        async with _translated(), self._pool.acquire() as conn:
+            await _sole_deployment(conn)
+            bound = await conn.fetchval(BOUND_PREFIX)  # (the table: migration 0007)
+            if bound is None:
+                await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
+                try:
+                    await conn.execute(BIND_PREFIX, prefix)
+                    bound = await conn.fetchval(BOUND_PREFIX)
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    raise errors.Misconfigured(
+                        f"cannot bind this database to prefix {prefix!r} ({exc}): run "
+                        "`flowd migrate` as the schema's owner, and grant this role INSERT "
+                        "on flowd_deployment"
+                    ) from exc
+                finally:
+                    await conn.execute(UNLOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
+        if bound != prefix:
+            raise errors.Misconfigured(
+                f"this database belongs to prefix {bound!r}, not to this daemon's {prefix!r}: "
+                "give each deployment (prefix) its own database"
+            )
+        return prefix
 
     # -- the port -----------------------------------------------------------------------------
 
@@ -929,6 +977,20 @@ def _parked(row: Mapping[str, Any]) -> ParkedRow:
         row["parked_at"],
         row["body"],
     )
+
+
+async def _sole_deployment(conn: _Conn) -> None:
+    """errors.Misconfigured if another schema of this database holds flowd's tables: two
+    deployments in one database would take each other's advisory locks (migrations, the
+    outbox relay, partition leases), which are database-wide."""
+    others = [r["nspname"] for r in await conn.fetch(OTHER_FLOWD_SCHEMAS)]
+    if others:
+        schema = await conn.fetchval(CURRENT_SCHEMA)
+        raise errors.Misconfigured(
+            f"this database holds flowd tables in schema(s) {', '.join(others)}, and this "
+            f"daemon uses schema {schema!r}: run one deployment per database (advisory locks "
+            "are database-wide)"
+        )
 
 
 def _flow(row: Mapping[str, Any]) -> Flow:

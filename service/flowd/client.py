@@ -29,7 +29,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from flowd.bus import codec
 from flowd.bus.codec import MAX_ID_LENGTH
-from flowd.bus.subjects import COMMAND_ID, MSG_ID, VERBS, Subjects
+from flowd.bus.subjects import COMMAND_ID, MSG_ID, OWNER, OWNER_SIGNATURE, VERBS, Subjects
+from flowd.core import owner
 from flowd.core.errors import IdempotencyConflict
 
 Json = dict[str, Any]
@@ -193,12 +194,25 @@ class FlowClient:
     ``async with await FlowClient.connect(url) as flows: ...``.
     """
 
-    def __init__(self, nc: Client, *, prefix: str = "flows", request_timeout: float = 10.0):
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        prefix: str = "flows",
+        request_timeout: float = 10.0,
+        owner: str | None = None,
+        owner_key: bytes | None = None,
+    ):
+        """``owner`` and ``owner_key`` (its key from ``flowctl owner-key``): sign every
+        command as acting for that owner (a daemon with ``FLOWD_ENFORCE_OWNER`` needs it)."""
+        if (owner is None) != (owner_key is None):
+            raise ValueError("owner and owner_key go together")
         self.subjects = Subjects(prefix)
         self.request_timeout = request_timeout
         self._nc = nc
         self._js = nc.jetstream()
         self._owned = False
+        self._owner = None if owner is None or owner_key is None else (owner, owner_key)
 
     @classmethod
     async def connect(
@@ -207,6 +221,8 @@ class FlowClient:
         *,
         prefix: str = "flows",
         request_timeout: float = 10.0,
+        owner: str | None = None,
+        owner_key: bytes | None = None,
         **nats_options: Any,
     ) -> FlowClient:
         """Connect to NATS at ``url`` (several servers: comma-separated); ``nats_options`` go
@@ -216,7 +232,9 @@ class FlowClient:
             nc = await nats.connect(servers, **nats_options)
         except (OSError, nats.errors.Error) as exc:
             raise FlowdUnavailable(f"cannot connect to NATS at {url}: {exc}") from None
-        client = cls(nc, prefix=prefix, request_timeout=request_timeout)
+        client = cls(
+            nc, prefix=prefix, request_timeout=request_timeout, owner=owner, owner_key=owner_key
+        )
         client._owned = True
         return client
 
@@ -339,9 +357,15 @@ class FlowClient:
             return None
 
     async def _publish(self, subject: str, data: bytes, cid: str, within: float) -> bool:
-        """JetStream-publish; True if JetStream dropped it as a duplicate id."""
+        """JetStream-publish (signed for its owner, if this client has one); True if
+        JetStream dropped it as a duplicate id."""
+        headers = {MSG_ID: cid}
+        if self._owner is not None:
+            who, key = self._owner
+            headers[OWNER] = who
+            headers[OWNER_SIGNATURE] = owner.sign(key, who, cid, subject, data)
         with _translated(subject):
-            ack = await self._js.publish(subject, data, timeout=within, headers={MSG_ID: cid})
+            ack = await self._js.publish(subject, data, timeout=within, headers=headers)
         return bool(ack.duplicate)
 
     @staticmethod

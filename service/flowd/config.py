@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowd.bus.subjects import valid_prefix
 
@@ -45,9 +45,12 @@ ENV: dict[str, str] = {
     "log_format": "FLOWD_LOG_FORMAT",
     "log_level": "FLOWD_LOG_LEVEL",
     "nats_creds": "NATS_CREDS",
+    "nats_nkey": "NATS_NKEY",
     "nats_tls_ca": "NATS_TLS_CA",
     "nats_tls_cert": "NATS_TLS_CERT",
     "nats_tls_key": "NATS_TLS_KEY",
+    "enforce_owner": "FLOWD_ENFORCE_OWNER",
+    "owner_keys_file": "FLOWD_OWNER_KEYS_FILE",
 }
 
 
@@ -101,9 +104,22 @@ class Settings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats_creds: Path | None = None
+    nats_nkey: Path | None = None
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    enforce_owner: bool = Field(
+        False, description="every mutation must prove it acts for the flow's owner"
+    )
+    owner_keys_file: Path | None = Field(
+        None, description="master keys owner claims are signed under, one per line"
+    )
+
+    @model_validator(mode="after")
+    def _owner_keys(self) -> Settings:
+        if self.enforce_owner and self.owner_keys_file is None:
+            raise ValueError("FLOWD_ENFORCE_OWNER needs FLOWD_OWNER_KEYS_FILE")
+        return self
 
     @field_validator("prefix")
     @classmethod

@@ -21,7 +21,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, JsonValue, ValidationError
 
-from flowd.core import apply, errors, waits
+from flowd.core import apply, errors, owner, waits
 from flowd.core.apply import Change
 from flowd.core.models import (
     CreateManagedInput,
@@ -31,7 +31,7 @@ from flowd.core.models import (
     JsonObject,
     StepObservation,
 )
-from flowd.core.requests import Claim, split
+from flowd.core.requests import Claim, owner_of, split
 from flowd.core.status import FlowStatus, SyncMode
 from flowd.store.port import MAX_PAGE, FlowStore
 
@@ -148,6 +148,7 @@ class FlowManager:
         self, data: CreateManagedInput | JsonObject, mode: SyncMode, command_id: CommandRef | None
     ) -> Flow:
         valid = _validated(CreateManagedInput, data)
+        _owner_may(command_id, valid.owner_session_key)
         change = apply.create(valid, mode=mode, now=self._clock(), new_id=self._new_id)
         apply.check_state(change, None, self._max_state)
         await self._commit(change, command_id)
@@ -385,6 +386,7 @@ class FlowManager:
             cached = flow is not None
             if flow is None:
                 flow = await self.require(flow_id)
+            _owner_may(command_id, flow.owner_session_key)  # (it never changes)
             try:
                 if expected is not None and flow.revision != expected:
                     raise errors.RevisionMismatch(flow_id, expected, flow.revision)
@@ -447,6 +449,12 @@ class FlowManager:
         else:
             self._cache[flow.id] = known
         self._on_commit(change)
+
+
+def _owner_may(command_id: CommandRef | None, owner_session_key: str) -> None:
+    """``Forbidden`` if the command proved it acts for an owner other than the flow's."""
+    if (claimed := owner_of(command_id)) is not None:
+        owner.require_owner(claimed, owner_session_key)
 
 
 def _limit(limit: int) -> int:

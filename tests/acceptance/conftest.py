@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, Wire, wire
+from flowd.embedded import EmbeddedNats
+from tests.support.daemon import DaemonProcess, Wire, free_port, wire
 
 
 @pytest.fixture
@@ -45,3 +49,33 @@ def daemon(make_daemon: Callable[..., DaemonProcess]) -> DaemonProcess:
 async def nats_wire(nats_url: str, prefix: str) -> AsyncIterator[Wire]:
     async with wire(nats_url, prefix) as w:
         yield w
+
+
+@pytest.fixture
+def nats_with(tmp_path: Path) -> Iterator[Callable[[str], int]]:
+    """Start a real nats-server with the given configuration text (on a free loopback port,
+    which overrides any ``listen`` in it); returns its port."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(config: str) -> int:
+        port = free_port()
+        conf = tmp_path / f"nats-{port}.conf"
+        conf.write_text(config + "\n")
+        cmd = [EmbeddedNats.binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port)]
+        log_path = tmp_path / f"nats-{port}.log"
+        with log_path.open("wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                if time.monotonic() > deadline or procs[-1].poll() is not None:
+                    raise AssertionError(log_path.read_text()) from None
+                time.sleep(0.05)
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()

@@ -15,13 +15,12 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from flowd.embedded import EmbeddedNats
 from tests.support.daemon import DaemonProcess, free_port
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres, pytest.mark.nats]
@@ -54,36 +53,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d,
     )  # fmt: skip
     return d
-
-
-@pytest.fixture
-def nats_with(tmp_path: Path) -> Iterator[Callable[[str], int]]:
-    """Start a real nats-server with the given configuration (its listen line added);
-    returns its port."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(config: str) -> int:
-        port = free_port()
-        conf = tmp_path / f"nats-{port}.conf"
-        conf.write_text(f"listen: 127.0.0.1:{port}\n{config}\n")
-        with (tmp_path / f"nats-{port}.log").open("wb") as log:
-            procs.append(
-                subprocess.Popen([EmbeddedNats.binary(), "-c", str(conf)], stdout=log, stderr=log)
-            )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 def _daemon(nats_url: str, database_url: str, tmp_path: Path, **env: str) -> DaemonProcess:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +17,7 @@ import nats.errors
 import pytest
 
 from flowd.client import FlowClient
-from flowd.embedded import EmbeddedNats
-from tests.support.daemon import DaemonProcess, free_port
+from tests.support.daemon import DaemonProcess
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.postgres, pytest.mark.nats]
 
@@ -35,28 +31,15 @@ PASSWORDS = {
 
 
 @pytest.fixture
-def accounts_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+def accounts_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nats_with: Callable[[str], int]
+) -> int:
     """A nats-server running the shipped configuration (its passwords and store from the
-    environment, as the file says); yields its port."""
+    environment, as the file says); its port."""
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("FLOWD_NATS_STORE_DIR", str(tmp_path / "js"))
-    port = free_port()
-    log = (tmp_path / "nats-server.log").open("wb")
-    cmd = [EmbeddedNats.binary(), "-c", str(CONFIG), "-a", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, (tmp_path / "nats-server.log").read_text()
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+    return nats_with(CONFIG.read_text())
 
 
 def url(port: int, user: str) -> str:

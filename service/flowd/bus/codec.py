@@ -14,14 +14,14 @@ Decoding sorts every message into exactly one of three results:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Final, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from flowd.bus.subjects import MSG_ID, VERBS
-from flowd.core import door, errors, requests
+from flowd.bus.subjects import MSG_ID, OWNER, OWNER_SIGNATURE, VERBS
+from flowd.core import door, errors, owner, requests
 from flowd.core.models import CreateManagedInput, JsonObject
 from flowd.core.requests import Claim, Request
 from flowd.core.status import FlowStepStatus, SyncMode
@@ -132,6 +132,7 @@ class Decoded:
     command_id: str
     body: BaseModel
     kind: str = "cmd"
+    owner: str | None = None  # the owner it proved it acts for (``Owners``)
 
     @property
     def request(self) -> Request:
@@ -143,8 +144,35 @@ class Decoded:
 
     @property
     def claim(self) -> Claim:
-        """Its command id with its request, for the manager."""
-        return Claim(self.command_id, self.request)
+        """Its command id with its request (and proven owner), for the manager."""
+        return Claim(self.command_id, self.request, self.owner)
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """``FLOWD_ENFORCE_OWNER``: every command must prove whom it acts for (core.owner) with
+    a claim signed under one of ``masters``, over the command's subject under ``prefix``."""
+
+    masters: tuple[bytes, ...]
+    prefix: str
+
+    def verify(
+        self, kind: str, tokens: list[str], headers: dict[str, str] | None, data: bytes
+    ) -> str:
+        """The owner the command proves it acts for, or ``errors.Forbidden``."""
+        cid = _header_id(headers)
+        if not cid:  # (an unsigned id: a captured message could be replayed under new ones)
+            raise errors.Forbidden(
+                f"an owner claim needs the command's {MSG_ID}", reason="missing_claim"
+            )
+        return owner.verified_owner(
+            self.masters,
+            (headers or {}).get(OWNER),
+            (headers or {}).get(OWNER_SIGNATURE),
+            command_id=cid,
+            subject=".".join([self.prefix, kind, *tokens]),
+            body=data,
+        )
 
 
 class Undecodable(Exception):
@@ -238,8 +266,10 @@ def decode(
     *,
     fallback_id: str,
     max_payload: int,
+    owners: Owners | None = None,
 ) -> Decoded:
-    """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``)."""
+    """Decode one command (``kind="cmd"``, tokens after ``cmd``) or observation (``"obs"``);
+    with ``owners``, it must carry a valid owner claim (else rejected ``forbidden``)."""
     cid = command_id(headers, fallback_id)
     verb, token = _route(kind, tokens)
     if (problem := door.text_problem(token)) is not None:  # no outcome subject to keep
@@ -255,37 +285,51 @@ def decode(
             flow_id = UUID(token)
         except ValueError:
             raise rejected(errors.InvalidInput(f"{token!r} is not a flow id (UUID)")) from None
-    if (problem := id_problem(headers)) is not None:
-        # Unusable as an idempotency key: refused under the fallback id, before any effect.
-        raise rejected(errors.InvalidInput(f"{MSG_ID} {problem}", {MSG_ID: problem}))
+    if (refusal := _id_refusal(headers)) is not None:
+        raise rejected(refusal)  # (under the fallback id, before any effect)
     model = BODIES.get(verb)
     if model is None or (kind == "cmd" and verb == "observe"):
         raise rejected(
             errors.InvalidInput(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
         )
-    if reserved(_header_id(headers)):
-        raise rejected(
-            errors.InvalidInput(
-                f"command ids starting with {RESERVED!r} are reserved for ids flowd makes",
-                {MSG_ID: f"must not start with {RESERVED!r}"},
-            )
-        )
     try:
-        value = parse_json(data, max_payload)
+        value = _json_object(data, max_payload)
     except errors.InvalidInput as exc:
         raise rejected(exc) from None
-    if not isinstance(value, dict):
-        raise rejected(
-            errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
-        )
     try:
         body = model.model_validate(value)
     except ValidationError as exc:
         raise rejected(invalid_input(exc, f"{verb} payload")) from None
     try:
-        return _reconcile_ids(Decoded(verb, flow_id, token, cid, body, kind))
+        decoded = _reconcile_ids(Decoded(verb, flow_id, token, cid, body, kind))
+        if owners is None:
+            return decoded
+        return replace(decoded, owner=owners.verify(kind, tokens, headers, data))
     except Rejected as exc:
         raise rejected(exc.error) from None
+    except errors.Forbidden as exc:
+        raise rejected(exc) from None
+
+
+def _id_refusal(headers: dict[str, str] | None) -> errors.InvalidInput | None:
+    """Why a present ``Nats-Msg-Id`` cannot be this command's id: unusable as an idempotency
+    key (``id_problem``), or in flowd's reserved namespace; None if it can."""
+    if (problem := id_problem(headers)) is not None:
+        return errors.InvalidInput(f"{MSG_ID} {problem}", {MSG_ID: problem})
+    if reserved(_header_id(headers)):
+        return errors.InvalidInput(
+            f"command ids starting with {RESERVED!r} are reserved for ids flowd makes",
+            {MSG_ID: f"must not start with {RESERVED!r}"},
+        )
+    return None
+
+
+def _json_object(data: bytes, max_payload: int) -> dict[str, object]:
+    """The JSON object in ``data`` (``parse_json``); InvalidInput if it is another value."""
+    value = parse_json(data, max_payload)
+    if not isinstance(value, dict):
+        raise errors.InvalidInput(f"payload must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _route(kind: str, tokens: list[str]) -> tuple[str, str]:

@@ -140,6 +140,7 @@ async def connect(
     *,
     name: str = "flowd",
     creds: str | None = None,
+    nkey: str | None = None,
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -164,14 +165,6 @@ async def connect(
         else:
             error_log(exc)
 
-    try:
-        tls: ssl.SSLContext | None = None
-        if tls_ca or tls_cert:
-            tls = ssl.create_default_context(cafile=tls_ca)
-            if tls_cert:
-                tls.load_cert_chain(tls_cert, tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise errors.Misconfigured(f"NATS TLS files: {exc}") from exc
     options: dict[str, Any] = {
         "servers": [u.strip() for u in url.split(",") if u.strip()],
         "name": name,
@@ -182,12 +175,9 @@ async def connect(
         "connect_timeout": 5,
         "error_cb": on_error,
     }
-    if creds:
-        options["user_credentials"] = creds
+    options.update(_auth(creds, nkey, tls_ca, tls_cert, tls_key))
     if closed_cb is not None:
         options["closed_cb"] = closed_cb
-    if tls is not None:
-        options["tls"] = tls
     nc = _LenientClient()
     try:
         await nc.connect(**options)
@@ -202,6 +192,32 @@ async def connect(
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _auth(
+    creds: str | None,
+    nkey: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> dict[str, Any]:
+    """nats.connect options for a credentials file, an nkey seed, TLS and mTLS (a user and
+    password, or a token, travel in the URL); ``errors.Misconfigured`` for TLS files that
+    cannot be loaded."""
+    options: dict[str, Any] = {}
+    if creds:
+        options["user_credentials"] = creds
+    if nkey:
+        options["nkeys_seed"] = nkey
+    if tls_ca or tls_cert:
+        try:
+            tls = ssl.create_default_context(cafile=tls_ca)
+            if tls_cert:
+                tls.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise errors.Misconfigured(f"NATS TLS files: {exc}") from exc
+        options["tls"] = tls
+    return options
 
 
 def redact(url: str) -> str:

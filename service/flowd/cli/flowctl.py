@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -22,7 +23,7 @@ from uuid import UUID, uuid4
 
 from flowd.bus.subjects import valid_prefix
 from flowd.client import FlowClient, FlowdError, FlowdUnavailable, Outcome
-from flowd.core import door
+from flowd.core import door, owner
 from flowd.core.errors import InvalidInput
 
 Handler = Callable[[FlowClient, argparse.Namespace], Awaitable[int]]
@@ -273,6 +274,33 @@ def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
         help="NATS credentials file (env NATS_CREDS)",
     )
     g.add_argument(
+        "--nkey",
+        default=default(os.environ.get("NATS_NKEY") or None),
+        help="NATS nkey seed file, for a user known by its nkey alone (env NATS_NKEY)",
+    )
+    for name, what in (("ca", "CA certificate"), ("cert", "client certificate (mTLS)")):
+        g.add_argument(
+            f"--tls-{name}",
+            default=default(os.environ.get(f"NATS_TLS_{name.upper()}") or None),
+            help=f"NATS TLS {what} file (env NATS_TLS_{name.upper()})",
+        )
+    g.add_argument(
+        "--tls-key",
+        default=default(os.environ.get("NATS_TLS_KEY") or None),
+        help="the client certificate's key file (env NATS_TLS_KEY)",
+    )
+    g.add_argument(
+        "--as-owner",
+        default=default(os.environ.get("FLOWCTL_OWNER") or None),
+        metavar="OWNER",
+        help="sign commands as acting for this owner (env FLOWCTL_OWNER; for FLOWD_ENFORCE_OWNER)",
+    )
+    g.add_argument(
+        "--owner-key-file",
+        default=default(os.environ.get("FLOWCTL_OWNER_KEY_FILE") or None),
+        help="file holding the owner's key, from `flowctl owner-key` (env FLOWCTL_OWNER_KEY_FILE)",
+    )
+    g.add_argument(
         "--prefix",
         type=prefix,
         default=default(os.environ.get("FLOWD_PREFIX", "flows")),
@@ -444,15 +472,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("row_id", type=positive, nargs="?", metavar="ID", help="the parked row's id")
     p.add_argument("--reason", help="why it is skipped (skip; kept in the dead letter)")
+    p = add(
+        "owner-key",
+        "print the key an owner signs its commands with (FLOWD_ENFORCE_OWNER), derived from "
+        "the daemon's current master key (the first of FLOWD_OWNER_KEYS_FILE); hand it to "
+        "that owner's clients only (--owner-key-file, FlowClient(owner_key=bytes.fromhex(…)))",
+        _no_handler,
+        "session-7 --master-key-file /etc/flowd/owner-keys > session-7.key",
+    )
+    p.add_argument("owner_name", metavar="OWNER", help="the owner (owner_session_key)")
+    p.add_argument("--master-key-file", required=True, help="the daemon's FLOWD_OWNER_KEYS_FILE")
     return parser
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _no_handler(client: FlowClient, args: argparse.Namespace) -> int:
+    raise AssertionError("handled in main, without NATS")
+
+
+def _nats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """nats.connect options for the authentication the arguments name."""
     options: dict[str, Any] = {"error_cb": _quiet}
     if args.creds:
         options["user_credentials"] = args.creds
+    if args.nkey:
+        options["nkeys_seed"] = args.nkey
+    if args.tls_ca or args.tls_cert:
+        try:
+            tls = ssl.create_default_context(cafile=args.tls_ca)
+            if args.tls_cert:
+                tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"TLS files: {exc}") from None
+        options["tls"] = tls
+    return options
+
+
+def _owner(args: argparse.Namespace) -> dict[str, Any]:
+    """FlowClient's owner options from ``--as-owner`` / ``--owner-key-file``."""
+    if not args.as_owner and not args.owner_key_file:
+        return {}
+    if not (args.as_owner and args.owner_key_file):
+        raise ValueError("--as-owner and --owner-key-file go together")
+    return {"owner": args.as_owner, "owner_key": bytes.fromhex(_read(args.owner_key_file))}
+
+
+def _read(path: str) -> str:
+    """A key file's text; ValueError (a usage error) if it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _owner_key(args: argparse.Namespace) -> int:
+    """``flowctl owner-key``: an owner's key, derived from a master key (no NATS needed)."""
+    masters = owner.parse_keys(_read(args.master_key_file))
+    print(owner.owner_key(masters[0], args.owner_name).hex())
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
     connecting = FlowClient.connect(
-        args.nats_url, prefix=args.prefix, request_timeout=args.timeout, **options
+        args.nats_url,
+        prefix=args.prefix,
+        request_timeout=args.timeout,
+        **_owner(args),
+        **_nats_options(args),
     )
     try:
         client = await asyncio.wait_for(connecting, args.timeout)
@@ -474,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help or a usage error
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        if args.command == "owner-key":
+            return _owner_key(args)
         return asyncio.run(_run(args))
     except FlowdError as exc:
         print(f"{exc.code}: {exc.message}", file=sys.stderr)

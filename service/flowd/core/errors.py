@@ -11,6 +11,7 @@
     ├── RevisionMismatch            "revision_mismatch"    flow_id, expected, actual
     ├── InvalidInput                "invalid_input"        errors (field -> message)
     │   └── StateTooLarge           (reason "state_too_large", size, limit)
+    ├── Forbidden                   "forbidden"            reason
     ├── DuplicateCommand            "duplicate_command"    command_id, outcome
     ├── IdempotencyConflict         "idempotency_conflict" command_id, first (verb, flow_id, at)
     └── Internal                    "internal"             error (the exception's type)
@@ -171,6 +172,19 @@ class StateTooLarge(InvalidInput):
 
     def details(self) -> dict[str, Any]:
         return {**super().details(), "reason": self.reason, "size": self.size, "limit": self.limit}
+
+
+class Forbidden(FlowError):
+    """The command does not prove it acts for the flow's owner (``FLOWD_ENFORCE_OWNER``)."""
+
+    code = "forbidden"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+    def details(self) -> dict[str, Any]:
+        return {"reason": self.reason}
 
 
 class DuplicateCommand(FlowError):

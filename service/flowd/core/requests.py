@@ -38,6 +38,10 @@ class Claim:
 
     command_id: str
     request: Request | None = None
+    #: The owner the command proved it acts for (core.owner; ``FLOWD_ENFORCE_OWNER``): the
+    #: manager refuses it on a flow another session owns. None: no check (internal commands,
+    #: or enforcement off).
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,11 @@ def reused(
     ):
         return errors.IdempotencyConflict(command_id, first.as_json())
     return errors.DuplicateCommand(command_id, outcome)
+
+
+def owner_of(command_id: str | Claim | None) -> str | None:
+    """The proven owner a command id carries, if any."""
+    return command_id.owner if isinstance(command_id, Claim) else None
 
 
 def split(command_id: str | Claim | None) -> tuple[str | None, Request | None]:

@@ -107,11 +107,13 @@ class Api:
         *,
         max_payload: int,
         concurrency: int = 64,
+        owners: codec.Owners | None = None,
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.metrics = metrics
         self.max_payload = max_payload
+        self.owners = owners
         self.concurrency = concurrency
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -248,6 +250,7 @@ class Api:
                 msg.data,
                 fallback_id=fallback,
                 max_payload=self.max_payload,
+                owners=self.owners,
             )
         except codec.Undecodable as exc:
             raise errors.InvalidInput(exc.reason) from None

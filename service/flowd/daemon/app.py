@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 import structlog
 
 from flowd import embedded
+from flowd.bus import codec
 from flowd.bus.nats import BusUnavailable, NatsBus, StreamLimits, connect
 from flowd.bus.subjects import Subjects
 from flowd.config import Settings
-from flowd.core import errors
+from flowd.core import errors, owner
 from flowd.core.apply import Change
 from flowd.core.outbox import EVENT_OVERHEAD, largest_event_bytes
 from flowd.daemon.api import Api
@@ -65,6 +66,7 @@ class Daemon:
         self._exit = 0  # the exit code once stopped
         self._overdue: threading.Timer | None = None
         self._closing = False  # the daemon closes its NATS client itself
+        self._owner_keys: codec.Owners | None = None
 
     async def run(self, *, drain: bool = False) -> int:
         """Serve until a signal (or, with ``drain``, until no message is pending)."""
@@ -131,6 +133,7 @@ class Daemon:
 
     async def _serve_daemon(self, drain: bool) -> int:
         s = self.settings
+        self._owner_keys = self._owners()  # (a bad keys file: refused before connecting)
         database_url, nats_url = await self._urls()
         self._database_url = database_url
         if drain and self.subjects.partitioned:
@@ -163,6 +166,7 @@ class Daemon:
                 lambda: connect(
                     nats_url,
                     creds=str(s.nats_creds) if s.nats_creds else None,
+                    nkey=str(s.nats_nkey) if s.nats_nkey else None,
                     tls_ca=str(s.nats_tls_ca) if s.nats_tls_ca else None,
                     tls_cert=str(s.nats_tls_cert) if s.nats_tls_cert else None,
                     tls_key=str(s.nats_tls_key) if s.nats_tls_key else None,
@@ -206,6 +210,7 @@ class Daemon:
             max_state_bytes=s.max_state_bytes,
         )
         engine = WaitEngine(manager, bus, m, tick=s.wait_tick, batch=s.wait_batch)
+        owners = self._owner_keys
         dispatcher = Dispatcher(
             manager,
             bus,
@@ -214,8 +219,16 @@ class Daemon:
             max_payload=s.max_payload,
             max_deliver=s.max_deliver,
             stopping=self.stop,
+            owners=owners,
         )
-        api = Api(manager, bus, m, max_payload=s.max_payload, concurrency=s.api_concurrency)
+        api = Api(
+            manager,
+            bus,
+            m,
+            max_payload=s.max_payload,
+            concurrency=s.api_concurrency,
+            owners=owners,
+        )
         await api.start()
         await relay.start()
 
@@ -378,6 +391,19 @@ class Daemon:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: a failure while being cancelled is of no interest
         return None
+
+    def _owners(self) -> codec.Owners | None:
+        """With ``FLOWD_ENFORCE_OWNER``: the master keys owner claims are checked against."""
+        s = self.settings
+        if not s.enforce_owner or s.owner_keys_file is None:
+            return None
+        try:
+            masters = owner.parse_keys(s.owner_keys_file.read_text())
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise errors.Misconfigured(
+                f"FLOWD_OWNER_KEYS_FILE {s.owner_keys_file}: {exc}"
+            ) from None
+        return codec.Owners(masters, s.prefix)
 
     def _limits(self) -> StreamLimits:
         s = self.settings

@@ -104,11 +104,13 @@ class Dispatcher:
         max_payload: int,
         max_deliver: int,
         stopping: asyncio.Event,
+        owners: codec.Owners | None = None,
     ) -> None:
         self.manager = manager
         self.bus = bus
         self.metrics = metrics
         self.max_payload = max_payload
+        self.owners = owners
         self.max_deliver = max_deliver
         self._stopping = stopping
         self._slots = asyncio.Semaphore(concurrency)
@@ -166,6 +168,7 @@ class Dispatcher:
                 msg.data,
                 fallback_id=fallback,
                 max_payload=self.max_payload,
+                owners=self.owners,
             )
             return (str(ok.flow_id) if ok.flow_id else ok.command_id), ok
         except codec.Rejected as exc:

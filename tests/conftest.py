@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,8 +14,13 @@ from tests.support import servers
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.postgres_server(Path(tmp_path_factory.mktemp("servers"))) as dsn:
+def pg_server() -> Iterator[str]:
+    # Not under pytest's numbered temp root: another pytest run of the same user (any
+    # project) rotates old roots away, the data directory of a running server with them.
+    with (
+        tempfile.TemporaryDirectory(prefix="flowd-tests-pg-") as tmp,
+        servers.postgres_server(Path(tmp)) as dsn,
+    ):
         yield dsn
 
 
@@ -59,8 +65,11 @@ async def pg_store(database_url: str) -> AsyncIterator[PostgresFlowStore]:
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with servers.nats_server(Path(tmp_path_factory.mktemp("nats"))) as url:
+def nats_url() -> Iterator[str]:
+    with (
+        tempfile.TemporaryDirectory(prefix="flowd-tests-nats-") as tmp,
+        servers.nats_server(Path(tmp)) as url,
+    ):
         yield url
 
 

@@ -9,10 +9,12 @@ made here with ``openssl``.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +39,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, and a server certificate for 127.0.0.1 signed by it."""
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by it."""
     d = tmp_path_factory.mktemp("certs")
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
@@ -51,6 +53,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _openssl(
         "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
         "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
+        "-subj", "/CN=flowd", cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "client.pem", "-days", "2", cwd=d,
     )  # fmt: skip
     return d
 
@@ -123,6 +133,33 @@ def test_mtls_without_a_client_certificate_is_one_line_and_exit_1(
         f"tls://127.0.0.1:{port}", database_url, tmp_path, NATS_TLS_CA=str(certs / "ca.pem")
     ).start()
     refused_at_once(d, "TLS")
+
+
+@needs_openssl
+def test_mtls_with_a_client_certificate_serves_flowd_and_flowctl(
+    nats_with: Callable[[str], int], certs: Path, database_url: str, tmp_path: Path
+) -> None:
+    """The other side of the refusals above: with the right files, both work."""
+    port = nats_with(
+        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f'tls {{ cert_file: "{certs}/server.pem", key_file: "{certs}/server.key", '
+        f'ca_file: "{certs}/ca.pem", verify: true }}'
+    )
+    files = {"CA": "ca.pem", "CERT": "client.pem", "KEY": "client.key"}
+    env = {f"NATS_TLS_{k}": str(certs / v) for k, v in files.items()}
+    d = _daemon(f"tls://127.0.0.1:{port}", database_url, tmp_path, **env).start()
+    try:
+        d.wait_ready()
+        made = subprocess.run(
+            [sys.executable, "-m", "flowd.cli.flowctl", "--json", "create",
+             "--controller", "c", "--goal", "g", "--owner", "o"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, **env, "NATS_URL": f"tls://127.0.0.1:{port}",
+                 "FLOWD_PREFIX": d.prefix},
+        )  # fmt: skip
+        assert made.returncode == 0, made.stdout + made.stderr
+    finally:
+        d.kill()
 
 
 def test_unreachable_nats_is_retried_quietly_and_sigterm_ends_it(

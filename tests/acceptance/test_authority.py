@@ -94,20 +94,28 @@ async def test_commands_without_a_valid_claim_are_forbidden(
         "c-forged": ({"Flowd-Owner": "alice", "Flowd-Owner-Signature": "v1=" + "0" * 64}, body),
         # alice's signature of another command id (a replay under a new id)
         "c-replay": ({"Flowd-Owner": "alice", "Flowd-Owner-Signature": signature}, body),
+        # not ASCII (once a TypeError in compare_digest that took the daemon down)
+        "c-accent": ({"Flowd-Owner": "alice", "Flowd-Owner-Signature": "v1=\u00e9"}, body),
     }
     for cid, (headers, data) in cases.items():
         await w.js.publish(subject, data, headers={"Nats-Msg-Id": cid, **headers})
-    outcomes = await w.wait_for(lambda: _outcomes(w, 3))
+    outcomes = await w.wait_for(lambda: _outcomes(w, 4))
     reasons = {o["command_id"]: (o["code"], o["details"]["reason"]) for o in outcomes}
     assert reasons == {
         "c-none": ("forbidden", "missing_claim"),
         "c-forged": ("forbidden", "bad_signature"),
         "c-replay": ("forbidden", "bad_signature"),
+        "c-accent": ("forbidden", "bad_signature"),
     }
-    claim = {"Flowd-Owner": "alice", "Flowd-Owner-Signature": signature}
-    await w.js.publish(subject, body, headers={"Nats-Msg-Id": "c-ok", **claim})
+    # a forbidden command does not take its id: whoever cannot sign as alice cannot block
+    # alice's ids. "c-none" was refused above; signed by alice (over P.api: JetStream would
+    # drop the re-published id as a duplicate) it applies.
+    signature = owner.sign(key("alice"), "alice", "c-none", subject, body)
+    claim = {"Nats-Msg-Id": "c-none", "Flowd-Owner": "alice", "Flowd-Owner-Signature": signature}
+    reply = await w.request(f"cmd.{fid}.create", json.loads(body), headers=claim)
+    assert reply["ok"], reply
     events = await w.wait_for(lambda: _events(w, 1))
-    assert (events[0]["kind"], events[0]["command_id"]) == ("created", "c-ok")
+    assert (events[0]["kind"], events[0]["command_id"]) == ("created", "c-none")
 
 
 async def test_the_engine_still_wakes_owned_flows(

@@ -115,7 +115,9 @@ async def test_a_client_cannot_take_commands_or_purge_streams(
             await nc.request("$JS.API.CONSUMER.MSG.NEXT.ACME_CMD.flowd-cmd", b"1", timeout=1)
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await nc.request("$JS.API.STREAM.DELETE.ACME_CMD", b"", timeout=1)
-    assert len(errors) == 3
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await nc.request("acme.api.outbox.skip", b'{"id": 1, "reason": "x"}', timeout=1)
+    assert len(errors) == 4
     assert all("permissions violation" in e.lower() for e in errors), errors
 
 

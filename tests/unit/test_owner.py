@@ -36,6 +36,10 @@ def test_a_key_signed_under_a_retired_master_still_verifies_while_listed() -> No
         {"subject": "flows.cmd.0c4e.cancel"},
         {"body": b'{"patch":{"x":2}}'},
         {"signature": "v1=" + "0" * 64},
+        {"signature": "v1=\u00e9"},  # not ASCII: compare_digest on str would raise
+        {"signature": "v1=\ud800"},  # a lone surrogate
+        {"owner": "\ud800"},
+        {"command_id": "c-\ud800"},
     ],
 )
 def test_changing_anything_signed_breaks_the_signature(change: dict[str, object]) -> None:

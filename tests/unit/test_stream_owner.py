@@ -64,6 +64,7 @@ def test_metadata_names_the_owner_before_the_description() -> None:
         ("tls://tok3n@n1:4222, nats://u:p@n2", "tls://n1:4222,nats://n2"),
         ("u:p@n1:4222", "n1:4222"),
         ("nats://n1:4222", "nats://n1:4222"),
+        ("nats://u:p@ss@n1:4222", "nats://n1:4222"),  # a raw "@" in the password
     ],
 )
 def test_redact_removes_users_passwords_and_tokens(url: str, shown: str) -> None:

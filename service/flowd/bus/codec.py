@@ -302,13 +302,14 @@ def decode(
         raise rejected(invalid_input(exc, f"{verb} payload")) from None
     try:
         decoded = _reconcile_ids(Decoded(verb, flow_id, token, cid, body, kind))
-        if owners is None:
-            return decoded
-        return replace(decoded, owner=owners.verify(kind, tokens, headers, data))
     except Rejected as exc:
         raise rejected(exc.error) from None
-    except errors.Forbidden as exc:
-        raise rejected(exc) from None
+    if owners is None:
+        return decoded
+    try:
+        return replace(decoded, owner=owners.verify(kind, tokens, headers, data))
+    except errors.Forbidden as exc:  # (answered where a create with an id is: out.<id>)
+        raise Rejected(cid, decoded.token, decoded.flow_id, exc, decoded.request) from None
 
 
 def _id_refusal(headers: dict[str, str] | None) -> errors.InvalidInput | None:

@@ -147,7 +147,7 @@ async def connect(
     closed_cb: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
     """A NATS connection that, once made, reconnects forever (the daemon must outlive NATS
-    outages). The first connect tries each server at most twice: unreachable ->
+    outages). The first connect tries each server once: unreachable ->
     ``BusUnavailable`` (the caller retries with backoff); credentials or TLS refused ->
     ``errors.Misconfigured`` (retrying cannot help). nats-py's own error logging (a traceback
     per attempt) is replaced by ``_ErrorLog``: at most one line per ``LOG_EVERY`` seconds.
@@ -223,7 +223,9 @@ def _auth(
 def redact(url: str) -> str:
     """``url`` (comma-separated servers) without user, password or token."""
     return ",".join(
-        re.sub(r"^([a-z][a-z0-9+.-]*://)?[^@/]*@", r"\1", u.strip()) for u in url.split(",")
+        # up to the last "@" of the authority: a password may hold a raw "@" (nats-py takes it)
+        re.sub(r"^([a-z][a-z0-9+.-]*://)?[^/]*@", r"\1", u.strip())
+        for u in url.split(",")
     )
 
 

@@ -255,6 +255,8 @@ class Api:
         except codec.Undecodable as exc:
             raise errors.InvalidInput(exc.reason) from None
         except codec.Rejected as exc:
+            if isinstance(exc.error, errors.Forbidden):
+                raise exc.error from None  # not recorded: it must not take the id
             if (repeat := await self._reject(exc.claim, exc.flow_id, exc.token, exc.error)) is None:
                 raise exc.error from None
             return repeat
@@ -262,8 +264,8 @@ class Api:
             result = await execute(self.manager, cmd)
         except errors.DuplicateCommand as dup:
             return await self._repeat(cmd.flow_id, dup)
-        except (errors.StoreUnavailable, errors.IdempotencyConflict):
-            raise  # (a conflict is not recorded: the id is its first use's)
+        except (errors.StoreUnavailable, errors.IdempotencyConflict, errors.Forbidden):
+            raise  # (not recorded: the id is its first use's, or its owner's to take)
         except errors.FlowError as exc:
             if (repeat := await self._reject(cmd.claim, cmd.flow_id, cmd.token, exc)) is None:
                 raise

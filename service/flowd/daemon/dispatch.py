@@ -8,7 +8,8 @@ letter is decided here in one place (``_handle``):
 - applied, unchanged, duplicate (its id and request seen before) -> ack (the outcome is in
   the outbox already);
 - rejected (a FlowError) -> record the rejection (outboxed ``out.<token>`` message) -> ack;
-- its id first used for a different request -> an ``idempotency_conflict`` outcome published
+- its id first used for a different request, or no proof of its owner -> an
+  ``idempotency_conflict`` / ``forbidden`` outcome published
   at once (not recorded: the id is the first use's) -> ack;
 - undecodable, or delivered too often without an outcome -> dead letter -> ack;
 - PostgreSQL unreachable (or read-only, or another "not now" error) -> retried in place with
@@ -175,6 +176,9 @@ class Dispatcher:
             return exc.token, exc
         except codec.Undecodable as exc:
             return fallback, exc
+        except Exception as exc:  # a bug in decoding: this message, not the consumer, pays
+            log.exception("decode_crashed", subject=msg.subject)
+            return fallback, codec.Undecodable(f"could not be decoded: {type(exc).__name__}")
 
     async def run_lane(
         self,
@@ -228,9 +232,9 @@ class Dispatcher:
                 return await self._reject(msg, decoded, bound, stop)
             assert isinstance(decoded, codec.Decoded)
             return await self._apply(kind, msg, decoded, bound, started, stop)
-        except errors.IdempotencyConflict as exc:
+        except (errors.IdempotencyConflict, errors.Forbidden) as exc:
             assert isinstance(decoded, codec.Decoded | codec.Rejected)
-            return await self._conflict(msg, decoded, exc, bound, stop)
+            return await self._unrecorded(msg, decoded, exc, bound, stop)
         except Exception as exc:
             assert isinstance(decoded, codec.Decoded | codec.Rejected)
             return await self._crashed(kind, msg, decoded, exc, bound, stop)
@@ -238,6 +242,8 @@ class Dispatcher:
     async def _reject(
         self, msg: Message, decoded: codec.Rejected, bound: Any, stop: Callable[[], bool]
     ) -> Ending:
+        if isinstance(decoded.error, errors.Forbidden):
+            raise decoded.error  # not recorded (``_unrecorded``)
         try:
             done = await self._with_store(
                 msg,
@@ -275,7 +281,7 @@ class Dispatcher:
             except errors.DuplicateCommand:
                 outcome.append("duplicate")
                 bound.info("command_duplicate", verb=cmd.verb)
-            except (errors.StoreUnavailable, errors.IdempotencyConflict):
+            except (errors.StoreUnavailable, errors.IdempotencyConflict, errors.Forbidden):
                 raise
             except errors.FlowError as exc:
                 await self.manager.record_rejection(cmd.claim, cmd.flow_id, cmd.token, exc)
@@ -316,17 +322,18 @@ class Dispatcher:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _conflict(
+    async def _unrecorded(
         self,
         msg: Message,
         cmd: codec.Decoded | codec.Rejected,
-        exc: errors.IdempotencyConflict,
+        exc: errors.IdempotencyConflict | errors.Forbidden,
         bound: Any,
         stop: Callable[[], bool],
     ) -> Ending:
-        """Its id was first used for a different request: answer ``idempotency_conflict``
-        on ``out.<token>``, under the message's own ``Nats-Msg-Id`` (``out-`` and its
-        fallback id: one answer per stream message), not recorded (the id is taken)."""
+        """A rejection that must not take the command id: ``idempotency_conflict`` (the id
+        is its first use's) or ``forbidden`` (whoever cannot prove to be the owner must not
+        be able to block the owner's ids). Answered on ``out.<token>`` under the message's
+        own ``Nats-Msg-Id`` (``out-`` and its fallback id: one answer per stream message)."""
         meta = msg.metadata
         body: JsonObject = {
             "command_id": cmd.command_id,

@@ -62,8 +62,8 @@ TABLE_EXISTS: Final = "SELECT to_regclass('flowd_migrations') IS NOT NULL"
 RECORD_MIGRATION: Final = (
     "INSERT INTO flowd_migrations (version, name, checksum) VALUES ($1, $2, $3)"
 )
-# The subject prefix a database belongs to: bookkeeping like flowd_migrations (made here, not
-# by a migration file), written by the first daemon that starts on the database.
+# The subject prefix a database belongs to (the table: migration 0007), written by the first
+# daemon that starts on the database.
 BIND_PREFIX: Final = "INSERT INTO flowd_deployment (prefix) VALUES ($1) ON CONFLICT DO NOTHING"
 BOUND_PREFIX: Final = "SELECT prefix FROM flowd_deployment"
 CURRENT_SCHEMA: Final = "SELECT current_schema()"
@@ -471,13 +471,24 @@ class PostgresFlowStore:
             await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_KEY)
             try:
                 if not await conn.fetchval(TABLE_EXISTS):  # (no write when there is one:
-                    await conn.execute(CREATE_MIGRATIONS_TABLE)  # a read-only database starts)
+                    try:  # a read-only database starts)
+                        await conn.execute(CREATE_MIGRATIONS_TABLE)
+                    except asyncpg.InsufficientPrivilegeError as exc:
+                        raise errors.Misconfigured(
+                            f"cannot create flowd_migrations ({exc}): run `flowd migrate` "
+                            "as the schema's owner"
+                        ) from exc
                 applied = {r["version"]: r["checksum"] for r in await conn.fetch(SELECT_MIGRATIONS)}
                 for m in migrate.pending(migrations, applied):
                     try:
                         async with conn.transaction():
                             await conn.execute(m.sql)
                             await conn.execute(RECORD_MIGRATION, m.version, m.name, m.checksum)
+                    except asyncpg.InsufficientPrivilegeError as exc:
+                        raise errors.Misconfigured(
+                            f"migration {m.version:04d}_{m.name} needs the schema owner's "
+                            f"rights ({exc}): run `flowd migrate` as the owner"
+                        ) from exc
                     except asyncpg.PostgresError as exc:
                         if isinstance(classify(exc), errors.StoreUnavailable):
                             raise  # not this migration's fault: _translated, wait and retry

@@ -67,3 +67,22 @@ def test_only_the_flows_owner_passes() -> None:
         owner.require_owner("alice", "bob")
     assert info.value.details() == {"reason": "not_owner"}
     assert "bob" not in info.value.message  # the other owner's name is not disclosed
+
+
+def test_a_keys_file_lists_master_keys_current_first() -> None:
+    text = f"# rotated 2026-12\n\n  {'n' * 40}  \n{'o' * 32}\n"
+    assert owner.parse_keys(text) == (b"n" * 40, b"o" * 32)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "holds no key"),
+        ("# only a comment\n\n", "holds no key"),
+        ("short-key\n", "shorter than 32"),
+        (f"{'k' * 40}\nshort\n", "shorter than 32"),
+    ],
+)
+def test_a_keys_file_without_usable_keys_is_refused(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        owner.parse_keys(text)
